@@ -1,0 +1,5 @@
+import sys
+
+from reparam.cli import main
+
+sys.exit(main())
