@@ -1,0 +1,49 @@
+"""Spatial preconditioners: the general ``P = J J^T`` of a linear reparameterization."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SpatialPreconditioner:
+    """A ``(kh*kw, kh*kw)`` matrix applied to the gradient of every channel pair:
+    ``g[o, i] <- P vec(g[o, i])``. For mask branches ``P = diag(G)`` (plain SGS); linear
+    branches that are not masks (DBB's 1x1 -> average) add off-diagonal terms.
+    """
+
+    matrix: Tensor
+
+    def __post_init__(self) -> None:
+        m = self.matrix
+        if m.ndim != 2 or m.shape[0] != m.shape[1]:
+            raise ValueError(f"SpatialPreconditioner needs a square matrix, got shape {tuple(m.shape)}")
+
+    @property
+    def taps(self) -> int:
+        return self.matrix.shape[0]
+
+    def is_diagonal(self) -> bool:
+        return bool(torch.equal(self.matrix, torch.diag(torch.diagonal(self.matrix))))
+
+    def apply_(self, grad: Tensor) -> Tensor:
+        """Replace ``grad`` (shape ``(out, in/g, kh, kw)``) by ``P`` applied over its taps."""
+        flat = grad.reshape(-1, self.taps)
+        grad.copy_((flat @ self.matrix.to(grad.dtype).T).reshape(grad.shape))
+        return grad
+
+
+def jacobian_preconditioner_apply(merge, params: list[Tensor], grad: Tensor) -> Tensor:
+    """``J J^T g`` for a merge ``W = merge(*params)`` linear in ``params``, by autograd.
+
+    ``J^T g`` is a vector-Jacobian product; applying ``J`` to it is the merge itself
+    (linear, so ``J v = merge(v)`` once the constant part ``merge(0)`` is removed).
+    Reference implementation for checking closed-form preconditioners.
+    """
+    params = [p.detach().requires_grad_(True) for p in params]
+    weight = merge(*params)
+    vjp = torch.autograd.grad(weight, params, grad_outputs=grad)
+    constant = merge(*[torch.zeros_like(p) for p in params])
+    return merge(*vjp) - constant

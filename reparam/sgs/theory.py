@@ -1,0 +1,85 @@
+"""Which way of applying SGS reproduces branched training exactly, for a given optimizer.
+
+- ``"grad"`` (scale the gradient before the step) is exact when the optimizer's update is
+  linear in the history of gradients and weights: the SGD family (momentum, dampening,
+  Nesterov, coupled weight decay, any LR schedule). Weight decay ``wd * W`` of the merged
+  kernel equals ``sum_n M_n ⊙ wd * theta_n + wd * C``, hence the ``-wd * C`` correction.
+- ``"update"`` (run the optimizer on the raw gradient, scale the update it made) is exact
+  when the update is element-wise and independent of the weights: every branch covering a
+  tap receives the same gradient there, so it keeps the same state and makes the same step,
+  and the merged kernel moves by ``G`` times that step. True for the Adam family, Adagrad,
+  RMSprop, Adadelta without coupled weight decay (decoupled decay stays unscaled and pulls
+  toward ``C``), and for SGD without weight decay. A non-diagonal preconditioner has no
+  element-wise form.
+"""
+from __future__ import annotations
+
+import torch
+
+SGD_FAMILY: tuple[type, ...] = (torch.optim.SGD,)
+ELEMENTWISE_ADAPTIVE: tuple[type, ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+)
+MODES = ("grad", "update")
+
+
+def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> bool:
+    """True if the group's weight decay is applied as ``W <- W (1 - lr wd)`` outside the gradient."""
+    return isinstance(optimizer, torch.optim.AdamW) or bool(group.get("decoupled_weight_decay", False))
+
+
+def coupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """The weight decay the optimizer adds to the gradient (0 if none or decoupled)."""
+    return 0.0 if has_decoupled_decay(optimizer, group) else float(group.get("weight_decay", 0.0) or 0.0)
+
+
+def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
+    """The decoupled weight decay of the group (0 if none or coupled)."""
+    return float(group.get("weight_decay", 0.0) or 0.0) if has_decoupled_decay(optimizer, group) else 0.0
+
+
+def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> dict[str, str | None]:
+    """For each mode, ``None`` if it is exact for ``optimizer`` on ``groups``, else the reason."""
+    name = type(optimizer).__name__
+    coupled = [coupled_decay(optimizer, g) for g in groups]
+    if isinstance(optimizer, SGD_FAMILY):
+        grad = None
+        update = (
+            None
+            if not any(coupled)
+            else f"{name} with weight_decay adds wd*W to the gradient before its update; scaling the update "
+            "scales that decay too, while each branch decays only its own parameters"
+        )
+    elif isinstance(optimizer, ELEMENTWISE_ADAPTIVE):
+        grad = (
+            f"{name} is not linear in the gradient: scaling the gradient before it changes its adaptive "
+            "normalization instead of the step each branch makes"
+        )
+        update = (
+            None
+            if not any(coupled)
+            else f"{name} with coupled weight_decay (L2 added to the gradient) decays each branch's own "
+            "parameters inside the adaptive update; no mode is exact (use decoupled decay, e.g. AdamW)"
+        )
+    else:
+        reason = (
+            f"{name} is not a supported optimizer: exactness is known for SGD (mode 'grad') and for "
+            f"{', '.join(c.__name__ for c in ELEMENTWISE_ADAPTIVE)} (mode 'update')"
+        )
+        return {"grad": reason, "update": reason}
+    if nondiagonal and update is None:
+        update = "a non-diagonal preconditioner P = J J^T has no element-wise update form"
+    return {"grad": grad, "update": update}
+
+
+def exact_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str | None:
+    """The mode that reproduces branched training exactly (``"grad"`` preferred), or None."""
+    reasons = inexact_reasons(optimizer, groups, nondiagonal)
+    return next((mode for mode in MODES if reasons[mode] is None), None)
