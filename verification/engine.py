@@ -30,6 +30,7 @@ class TrajectoryResult:
     verdicts: dict[str, str]
     expected: dict[str, str]
     reasons: dict[str, str] = field(default_factory=dict)
+    sgs_mode: str = ""
 
     @property
     def verdict(self) -> str:
@@ -179,4 +180,4 @@ def compare_trajectories(
     if "merged" in sides:
         expected["merged"] = "exact"
         reasons["merged"] = "the same parameters, one conv on the merged kernel"
-    return TrajectoryResult(frame, max_dev, verdicts, expected, reasons)
+    return TrajectoryResult(frame, max_dev, verdicts, expected, reasons, handle.mode)

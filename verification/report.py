@@ -1,0 +1,69 @@
+"""Writing verification reports: CSV, Markdown and JSON tables and a deviation-vs-step figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL  # noqa: E402
+
+SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
+VERDICT_COLOURS = {"exact": "tab:green", "approximate": "tab:orange", "diverges": "tab:red", "inconclusive": "tab:purple"}
+
+
+def write_tables(summary: pd.DataFrame, out_dir: Path, stem: str = "verify", metadata: dict | None = None) -> list[Path]:
+    """``<stem>.csv``, ``<stem>.md`` and ``<stem>.json`` (records plus metadata)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.csv", out_dir / f"{stem}.md", out_dir / f"{stem}.json"]
+    summary.to_csv(paths[0], index=False)
+    paths[1].write_text(summary.to_markdown(index=False, floatfmt=".2e") + "\n")
+    payload = {"metadata": metadata or {}, "cases": json.loads(summary.to_json(orient="records"))}
+    paths[2].write_text(json.dumps(payload, indent=2) + "\n")
+    return paths
+
+
+def plot_deviation(summary: pd.DataFrame, curves: pd.DataFrame, path: Path, dtype=None) -> Path:
+    """One panel per section: relative deviation of each case vs step (log scale), coloured by
+    the verdict theory expects; exact cases hug machine epsilon, negative controls sit far above."""
+    sections = list(dict.fromkeys(summary.section))
+    fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.5), squeeze=False)
+    expected = dict(zip(summary.case, summary.expected))
+    for ax, section in zip(axes[0], sections):
+        part = curves[curves.section == section]
+        if "side" in part:
+            part = part[part.side.fillna("sgs") == "sgs"]
+        for case, frame in part.groupby("case", sort=False):
+            ax.plot(frame.step, frame.rel_dev.clip(lower=1e-17), color=VERDICT_COLOURS.get(expected.get(case), "grey"),
+                    alpha=0.35, linewidth=0.9)
+        if dtype is not None:
+            ax.axhline(EXACT_TOL[dtype], color="black", linestyle="--", linewidth=0.8, label="exact tolerance")
+            ax.axhline(DIVERGENCE_FLOOR[dtype], color="black", linestyle=":", linewidth=0.8, label="divergence floor")
+        for verdict, colour in VERDICT_COLOURS.items():
+            if verdict in set(summary[summary.section == section].expected):
+                ax.plot([], [], color=colour, label=f"expected {verdict}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max relative deviation from branched training")
+        ax.set_title(f"{section}: {len(summary[summary.section == section])} cases")
+        ax.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def verdict_grid(summary: pd.DataFrame) -> pd.DataFrame:
+    """A compact view of the SGS section: optimizer rows, block/bn/mode columns, observed
+    verdict initials (E exact, A approximate, D diverges, ? inconclusive), ``!`` on a mismatch."""
+    sgs = summary[summary.section == "sgs"].copy()
+    if sgs.empty:
+        return sgs
+    sgs["cell"] = sgs.observed.str[0].str.upper().replace({"I": "?"}) + sgs.match.map({True: "", False: "!"})
+    sgs["column"] = sgs.block + "/" + sgs.bn + "/" + sgs["mode"].where(sgs["mode"] == "auto", "wrong")
+    return sgs.pivot(index="optimizer", columns="column", values="cell").reindex(list(dict.fromkeys(sgs.optimizer)))
