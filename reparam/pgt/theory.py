@@ -53,28 +53,33 @@ def power_transform(p: Tensor, alpha: float) -> Tensor:
 
 
 def stationary_threshold(p: Tensor, alpha: float) -> Tensor:
-    """Lemma 1's stationary threshold ``(sum_j p_j**alpha) ** (1/(alpha-1))`` of a normalised
-    ``p`` (shape ``(..., C)``; returns shape ``(...)``).
+    """Lemma 1's stationary threshold ``(sum_j p_j**alpha) ** (1/(alpha-1))`` of the distribution
+    ``p / sum(p)`` (shape ``(..., C)``; returns shape ``(...)``).
 
-    ``log sum p**alpha`` is evaluated as ``log1p(sum_j p_j (p_j**(alpha-1) - 1))`` with
-    ``expm1``, a sum of non-negative terms, so the ratio ``log(.)/(alpha - 1)`` stays accurate
-    as ``alpha -> 1``; at ``alpha = 1`` the limit ``exp(sum_j p_j log p_j)`` is returned.
-    ``alpha = 0`` counts zero entries as ``0**0 = 1``, giving ``1/C`` (Proposition 1).
+    With ``s = sum p`` and ``E = sum_j (p_j**alpha - p_j) = sum_j p_j expm1((alpha-1) log p_j)``
+    (non-negative terms, no cancellation), ``sum_j (p_j/s)**alpha = s**-alpha (s + E)``, so
+    ``log T = log1p(E / s) / (alpha - 1) - log s``.  This stays accurate as ``alpha -> 1``,
+    where the textbook form divides rounding noise by ``alpha - 1``; at ``alpha = 1`` the limit
+    ``exp(sum_j p_j log p_j)`` (= ``exp(-entropy)``) is returned.  ``alpha = 0`` counts zero
+    entries as ``0**0 = 1``, giving ``1/C`` (Proposition 1).
     """
     alpha = check_alpha(alpha)
     p = _as_probs(p)
+    total = p.sum(dim=-1)
+    if bool((total <= 0).any()):
+        raise ValueError("p must have a positive sum along the class dimension")
     positive = p > 0
     logp = torch.log(torch.where(positive, p, torch.ones_like(p)))
     if alpha == 1.0:
-        return torch.exp((torch.where(positive, p * logp, torch.zeros_like(p))).sum(dim=-1))
+        pn = p / total.unsqueeze(-1)
+        logpn = logp - torch.log(total).unsqueeze(-1)
+        return torch.exp(torch.where(positive, pn * logpn, torch.zeros_like(p)).sum(dim=-1))
     # p_j**alpha - p_j, with 0**alpha = 0 (alpha > 0) or 1 (alpha = 0)
     zero_term = 1.0 if alpha == 0.0 else 0.0
     excess = torch.where(
         positive, p * torch.expm1((alpha - 1.0) * logp), torch.full_like(p, zero_term)
-    )
-    # sum p**alpha = sum p + sum(p**alpha - p); sum p is 1 for a normalised p
-    log_sum = torch.log1p(excess.sum(dim=-1) + (p.sum(dim=-1) - 1.0))
-    return torch.exp(log_sum / (alpha - 1.0))
+    ).sum(dim=-1)
+    return torch.exp(torch.log1p(excess / total) / (alpha - 1.0) - torch.log(total))
 
 
 def pgt_logit_gradient(p: Tensor, q: Tensor, alpha: float) -> Tensor:

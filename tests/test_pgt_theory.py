@@ -1,0 +1,191 @@
+"""The paper's analytical claims (§3-§4.2) as properties over random distributions and alpha."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reparam.pgt import (
+    logit_gradient_bounds,
+    pgt_logit_gradient,
+    power_grad_cross_entropy,
+    power_transform,
+    stationary_threshold,
+)
+from verification.pgt.strategies import alpha_pairs, alphas, distributions, distributions_with_label, open_alphas
+
+MARGIN = 1e-6  # entries this close (relatively) to the threshold are not classified
+
+
+def _direct_threshold(p: torch.Tensor, alpha: float) -> float:
+    """Textbook evaluation of (sum p**alpha)**(1/(alpha-1)), valid away from alpha = 1."""
+    return float(torch.sum(p**alpha) ** (1.0 / (alpha - 1.0)))
+
+
+def _entropy(p: torch.Tensor) -> float:
+    nz = p[p > 0]
+    return float(-(nz * nz.log()).sum())
+
+
+@given(distributions(), alphas(0.0, 0.95))
+def test_threshold_matches_its_definition(p, alpha):
+    t = float(stationary_threshold(p, alpha))
+    assert math.isclose(t, _direct_threshold(p, alpha), rel_tol=1e-11)
+
+
+@given(distributions())
+def test_threshold_limit_at_alpha_one_is_exp_minus_entropy(p):
+    t1 = float(stationary_threshold(p, 1.0))
+    assert math.isclose(t1, math.exp(-_entropy(p)), rel_tol=1e-12)
+    near = float(stationary_threshold(p, 1.0 - 1e-9))
+    assert math.isclose(near, t1, rel_tol=1e-7)  # continuous, no cancellation blow-up
+
+
+@given(distributions(), alphas())
+def test_transform_is_a_distribution_equal_to_softmax_of_scaled_logits(p, alpha):
+    q = power_transform(p, alpha)
+    assert math.isclose(float(q.sum()), 1.0, rel_tol=1e-12)
+    assert bool((q >= 0).all())
+    if alpha > 0:
+        direct = p**alpha / (p**alpha).sum()
+        assert torch.allclose(q, direct, rtol=1e-10, atol=0)
+
+
+@given(distributions(), open_alphas())
+def test_lemma1_grows_iff_below_threshold(p, alpha):
+    t = float(stationary_threshold(p, alpha))
+    q = power_transform(p, alpha)
+    for pi, qi in zip(p.tolist(), q.tolist()):
+        if abs(pi - t) <= MARGIN * t:
+            continue
+        if pi < t:
+            assert qi > pi
+        else:
+            assert qi < pi
+
+
+@given(distributions(), alphas())
+def test_transformed_value_lies_between_p_and_threshold(p, alpha):
+    t = float(stationary_threshold(p, alpha))
+    q = power_transform(p, alpha)
+    tol = 1e-12
+    lo = torch.minimum(p, torch.tensor(t, dtype=p.dtype))
+    hi = torch.maximum(p, torch.tensor(t, dtype=p.dtype))
+    assert bool((q >= lo * (1 - tol)).all()) and bool((q <= hi * (1 + tol)).all())
+
+
+@given(distributions(), alphas())
+def test_threshold_lies_within_the_distribution_range(p, alpha):
+    t = float(stationary_threshold(p, alpha))
+    assert float(p.min()) * (1 - 1e-12) <= t <= float(p.max()) * (1 + 1e-12)
+
+
+@given(distributions())
+def test_proposition1_alpha_zero_is_uniform(p):
+    c = p.shape[0]
+    assert torch.allclose(power_transform(p, 0.0), torch.full((c,), 1.0 / c, dtype=p.dtype), rtol=1e-14, atol=0)
+    assert math.isclose(float(stationary_threshold(p, 0.0)), 1.0 / c, rel_tol=1e-12)
+
+
+@given(distributions(), alpha_pairs())
+def test_theorem1_threshold_non_decreasing_in_alpha(p, pair):
+    a1, a2 = pair
+    assert float(stationary_threshold(p, a1)) <= float(stationary_threshold(p, a2)) * (1 + 1e-10)
+
+
+@given(distributions(), alpha_pairs())
+def test_smoothing_entropy_non_increasing_in_alpha(p, pair):
+    a1, a2 = pair
+    assert _entropy(power_transform(p, a1)) >= _entropy(power_transform(p, a2)) - 1e-10
+
+
+@given(distributions(), alphas())
+def test_transform_preserves_order(p, alpha):
+    q = power_transform(p, alpha)
+    order = torch.argsort(p)
+    sp, sq = p[order], q[order]
+    assert bool((sq[1:] >= sq[:-1] * (1 - 1e-12)).all())
+    if alpha >= 1e-3:  # strictly increasing where p is (clearly) strictly increasing
+        strict = sp[1:] > sp[:-1] * (1 + 1e-9)
+        assert bool((sq[1:][strict] > sq[:-1][strict]).all())
+
+
+@given(distributions_with_label(), open_alphas())
+def test_section_4_2_gradient_cases(p_y, alpha):
+    """§4.2 with a one-hot label: |dL/dz| moves towards the threshold.
+
+    true class below T (wrong prediction): |p'_y - 1| < |p_y - 1| (the near-1 derivative shrinks);
+    true class above T: |p'_y - 1| > |p_y - 1| (the near-0 derivative grows);
+    other class above T: p'_j < p_j; other class below T: p'_k > p_k (the near-0 one grows).
+    """
+    p, y = p_y
+    t = float(stationary_threshold(p, alpha))
+    q = F.one_hot(torch.tensor(y), p.shape[0]).to(p.dtype)
+    g_old = (p - q).abs()
+    g_new = pgt_logit_gradient(p, q, alpha).abs()
+    for i in range(p.shape[0]):
+        pi = float(p[i])
+        if abs(pi - t) <= MARGIN * t:
+            continue
+        if i == y:
+            assert (g_new[i] < g_old[i]) if pi < t else (g_new[i] > g_old[i])
+        else:
+            assert (g_new[i] < g_old[i]) if pi > t else (g_new[i] > g_old[i])
+
+
+@given(distributions_with_label(), alphas())
+def test_section_4_2_bounds_hold(p_y, alpha):
+    p, y = p_y
+    q = F.one_hot(torch.tensor(y), p.shape[0]).to(p.dtype)
+    lower, upper = logit_gradient_bounds(p, q, alpha)
+    g = pgt_logit_gradient(p, q, alpha).abs()
+    tol = 1e-12
+    assert bool((g >= lower - tol).all()) and bool((g <= upper + tol).all())
+    assert bool((upper <= 1.0).all())
+
+
+@settings(max_examples=10)
+@given(distributions_with_label(max_classes=8), alphas())
+def test_theory_gradient_equals_loss_backward(p_y, alpha):
+    p, y = p_y
+    z = p.log().clone().requires_grad_()
+    loss = power_grad_cross_entropy(z.unsqueeze(0), torch.tensor([y]), alpha, reduction="sum")
+    (g,) = torch.autograd.grad(loss, z)
+    q = F.one_hot(torch.tensor(y), p.shape[0]).to(p.dtype)
+    assert torch.allclose(g, pgt_logit_gradient(p, q, alpha), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.5, float("nan")])
+def test_theory_rejects_bad_alpha(bad):
+    p = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    with pytest.raises(ValueError, match="alpha"):
+        stationary_threshold(p, bad)
+    with pytest.raises(ValueError, match="alpha"):
+        power_transform(p, bad)
+
+
+def test_theory_rejects_bad_distributions():
+    with pytest.raises(ValueError, match="non-negative"):
+        power_transform(torch.tensor([0.5, -0.1, 0.6]), 0.5)
+    with pytest.raises(ValueError, match="class"):
+        stationary_threshold(torch.tensor(0.5), 0.5)
+
+
+def test_zero_probabilities():
+    p = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
+    assert float(power_transform(p, 0.5)[2]) == 0.0
+    assert torch.allclose(power_transform(p, 0.0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert math.isclose(float(stationary_threshold(p, 0.5)), (0.6**0.5 + 0.4**0.5) ** -2, rel_tol=1e-12)
+    assert math.isclose(float(stationary_threshold(p, 0.0)), 1 / 3, rel_tol=1e-12)
+
+
+@given(st.integers(2, 30))
+def test_uniform_is_a_fixed_point(c):
+    p = torch.full((c,), 1.0 / c, dtype=torch.float64)
+    for alpha in (0.0, 0.3, 1.0):
+        assert torch.allclose(power_transform(p, alpha), p, rtol=1e-13, atol=0)
+        assert math.isclose(float(stationary_threshold(p, alpha)), 1.0 / c, rel_tol=1e-12)
