@@ -1,0 +1,187 @@
+"""Build one training variant: a model, its optimizer and (for SGS) the attached masks.
+
+Variants (one table row each):
+
+- ``plain``: the unmodified model, SGD with momentum.
+- ``sgs-grad``: the model converted to ACB blocks with ``bn="after"`` and turned back into
+  plain convs by :func:`reparam.convert.to_sgs`; the masks ``G`` (and constant kernels) are
+  applied by :func:`reparam.sgs.attach_sgs` in ``mode="grad"`` under SGD with momentum.
+  The trained network has the plain architecture (conv without bias + BN).
+- ``sgs-update``: the same masks in ``mode="update"`` under AdamW (keeps a snapshot of the
+  masked weights between the pre- and post-step hooks).
+- ``acb`` / ``repvgg`` / ``dbb``: blocks with a BatchNorm in every branch (``bn="branch"``).
+- ``<block>-after``: blocks with one BatchNorm after the sum, branched forward.
+- ``<block>-merged``: the same blocks in ``mode="merged"`` (one conv per step on the
+  differentiably merged kernel).
+
+Every variant except ``sgs-update`` uses SGD(lr=0.01, momentum=0.9, weight_decay=5e-4);
+``sgs-update`` uses AdamW(lr=1e-3, weight_decay=5e-4). Hyper-parameters do not change cost.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+BLOCK_NAMES = ("acb", "repvgg", "dbb")
+SGS_VARIANTS = ("sgs-grad", "sgs-update")
+VARIANTS: tuple[str, ...] = (
+    "plain",
+    *SGS_VARIANTS,
+    *BLOCK_NAMES,
+    *(f"{b}-after" for b in BLOCK_NAMES),
+    *(f"{b}-merged" for b in BLOCK_NAMES),
+)
+SGS_SOURCE_BLOCK = "acb"  # the conversion whose masks the sgs-* rows use
+SGS_SOURCE_BN = "after"
+
+LR_SGD, MOMENTUM, LR_ADAMW, WEIGHT_DECAY = 0.01, 0.9, 1e-3, 5e-4
+
+
+@dataclass
+class Variant:
+    """A ready-to-train variant."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    handle: Any = None  # SGSHandle for sgs-* rows
+    info: dict = field(default_factory=dict)  # params, masked params, extra SGS state bytes
+
+
+def parse_variant(name: str) -> tuple[str, str | None, str | None]:
+    """``name -> (kind, block, bn/mode)`` where kind is plain, sgs or block."""
+    if name == "plain":
+        return "plain", None, None
+    if name in SGS_VARIANTS:
+        return "sgs", SGS_SOURCE_BLOCK, name.split("-", 1)[1]
+    block, _, suffix = name.partition("-")
+    if block in BLOCK_NAMES and suffix in ("", "after", "merged"):
+        return "block", block, suffix or "branch"
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+def resolve_variants(names: list[str] | None) -> list[str]:
+    """Validate names (``all`` = every variant); ``plain`` is always measured first."""
+    if not names or names == ["all"]:
+        return list(VARIANTS)
+    for n in names:
+        parse_variant(n)
+    return ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]
+
+
+# -- the model conversion API (reparam.convert) -------------------------------------------
+def _convert_module():
+    try:
+        return importlib.import_module("reparam.convert")
+    except ImportError as exc:  # pragma: no cover - only before reparam.convert exists
+        raise RuntimeError(f"reparam.convert is not available ({exc}); it provides the model loader and converters") from exc
+
+
+def load_model(spec: str) -> nn.Module:
+    """Instantiate ``torchvision:<name>`` (random weights) or ``module:callable``."""
+    convert = _convert_module()
+    for attr in ("load_model_spec", "load_model", "model_from_spec", "build_model"):
+        loader = getattr(convert, attr, None)
+        if callable(loader):
+            return loader(spec)
+    raise RuntimeError("reparam.convert exposes no model loader (expected load_model_spec)")
+
+
+def convert_model(model: nn.Module, block: str, bn: str) -> nn.Module:
+    return _convert_module().convert_model(model, block=block, bn=bn)
+
+
+def to_sgs(model: nn.Module):
+    return _convert_module().to_sgs(model)
+
+
+# -- building ------------------------------------------------------------------------------
+def _set_merged(model: nn.Module) -> int:
+    from reparam.blocks import ReparamBlock
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, ReparamBlock):
+            module.mode = "merged"
+            count += 1
+    return count
+
+
+def _count_blocks(model: nn.Module) -> int:
+    from reparam.blocks import ReparamBlock
+
+    return sum(isinstance(m, ReparamBlock) for m in model.modules())
+
+
+def _tensor_bytes(values) -> int:
+    """Bytes of the distinct storages behind ``values`` (expanded masks count once)."""
+    seen, total = set(), 0
+    for v in values:
+        t = getattr(v, "matrix", v)  # SpatialPreconditioner -> its matrix
+        if not isinstance(t, torch.Tensor):
+            continue
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            size = t.untyped_storage().nbytes()
+        except Exception:  # pragma: no cover
+            key, size = id(t), t.numel() * t.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
+def build_variant(
+    name: str,
+    model_factory: Callable[[], nn.Module],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> Variant:
+    """Build variant ``name`` from a fresh model (``model_factory()``), on ``device``."""
+    kind, block, option = parse_variant(name)
+    model = model_factory()
+    info: dict[str, Any] = {"blocks": 0, "masked_params": 0, "sgs_state_bytes": 0}
+    masks = constants = None
+    if kind == "block":
+        bn = "branch" if option == "branch" else "after"
+        model = convert_model(model, block=block, bn=bn)
+        if option == "merged":
+            _set_merged(model)
+        info["blocks"] = _count_blocks(model)
+    elif kind == "sgs":
+        converted = convert_model(model, block=block, bn=SGS_SOURCE_BN)
+        info["blocks"] = _count_blocks(converted)
+        result = to_sgs(converted)
+        model, masks, constants = result[0], result[1], result[2]
+        del converted
+    model = model.to(device=device, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "sgs" and option == "update":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY)
+    else:
+        optimizer = torch.optim.SGD(params, lr=LR_SGD, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    handle = None
+    if kind == "sgs":
+        from reparam.sgs import attach_sgs
+
+        handle = attach_sgs(optimizer, masks, mode=option, constant_kernels=constants or None, model=model)
+        # masks/constants now live (cast, on device) inside the handle; the snapshot of the
+        # masked weights is allocated once in update mode.
+        masked = handle.parameters
+        info["masked_params"] = len(masked)
+        state = _tensor_bytes(torch.as_tensor(m) if not hasattr(m, "matrix") else m for m in masks.values())
+        state += _tensor_bytes(constants.values()) if constants else 0
+        if handle.mode == "update":
+            state += sum(p.numel() * p.element_size() for p in masked)
+        info["sgs_state_bytes"] = state
+    info["params"] = sum(p.numel() for p in model.parameters())
+    info["trainable_params"] = sum(p.numel() for p in params)
+    return Variant(name, model, optimizer, handle, info)
