@@ -10,9 +10,11 @@ Memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_st
 taken before the model is built, so the peak counts everything the row allocates
 (weights, gradients, optimizer state, SGS masks/snapshots, the batch, activations).
 On CPU: the peak resident set size of the process minus its resident size right before
-the model was built. On Linux the high-water mark is reset at that point through
-``/proc/self/clear_refs`` and read from ``VmHWM``; elsewhere ``resource.getrusage``'s
-``ru_maxrss`` (a process-lifetime high-water mark) is used. Memory the allocator keeps
+the model was built. On Linux the high-water mark is reset through ``/proc/self/clear_refs``
+and read from ``VmHWM``; elsewhere ``resource.getrusage``'s ``ru_maxrss`` (a
+process-lifetime high-water mark) is used. On both devices the peak is reset again once the
+variant is built (keeping what stays allocated), so transient model copies made by the
+converters do not count; with ``ru_maxrss`` that reset is impossible. Memory the allocator keeps
 from an earlier row would be reused without raising the RSS, so the runner measures each
 CPU row in a fresh subprocess by default.
 """
@@ -85,6 +87,20 @@ class MemoryMeter:
             self.kind = "cpu_peak_rss_delta(ru_maxrss)"
             self._base = (rss * 1024) if rss is not None else (_ru_maxrss_bytes() or 0)
         self.baseline = self._base
+
+    def after_build(self) -> None:
+        """Forget the peak of building the variant (model copies made by the converters),
+        keeping what is still allocated: the peak then is the training peak."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif self.kind.endswith("(VmHWM)"):
+            try:
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            except OSError:  # pragma: no cover
+                pass
 
     def peak_bytes(self) -> int | None:
         if self.device.type == "cuda":

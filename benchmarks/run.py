@@ -111,6 +111,7 @@ def measure_row(spec: RowSpec) -> dict:
         built = variants.build_variant(
             spec.variant, lambda: variants.load_model(model_spec(spec.model)), device, cfg.dtype, cfg.channels_last
         )
+        meter.after_build()
         images, _ = measure.make_batch(spec.batch_size, spec.image_size, 1, cfg)
         num_classes = _num_classes(built.model, images, measure)
         images, labels = measure.make_batch(spec.batch_size, spec.image_size, num_classes, cfg)
