@@ -14,6 +14,9 @@ from torch import nn
 from reparam import ACBlock, DBBlock, RepVGGBlock
 from verification.strategies import BNState, blocks, bn_states, conv_configs
 
+#: fusion must hold for every valid geometry, including over-padded ones
+any_block = blocks(configs=conv_configs(over_padding=True), states=bn_states())
+
 F64_TOL = 1e-10
 
 
@@ -30,7 +33,7 @@ def make_input(config, batch: int, seed: int, dtype=torch.float64, channels_last
 
 
 @given(
-    drawn=blocks(states=bn_states()),
+    drawn=any_block,
     batch=st.integers(1, 3),
     seed=st.integers(0, 2**16),
     channels_last=st.booleans(),
@@ -52,7 +55,8 @@ def test_eval_output_equals_fused_conv(drawn, batch, seed, channels_last):
     assert rel_err(actual, expected) <= F64_TOL
 
 
-@given(drawn=blocks(bn=("none", "after"), states=bn_states()), seed=st.integers(0, 2**16))
+@given(drawn=blocks(bn=("none", "after"), configs=conv_configs(over_padding=True), states=bn_states()),
+       seed=st.integers(0, 2**16))
 def test_sgs_counterpart_computes_the_block(drawn, seed):
     """The plain layer SGS trains computes the block's function (eval mode)."""
     factory, config = drawn
@@ -65,7 +69,7 @@ def test_sgs_counterpart_computes_the_block(drawn, seed):
 
 
 @given(
-    drawn=blocks(bn=("none", "after"), states=bn_states()),
+    drawn=blocks(bn=("none", "after"), configs=conv_configs(over_padding=True), states=bn_states()),
     train=st.booleans(),
     seed=st.integers(0, 2**16),
     channels_last=st.booleans(),

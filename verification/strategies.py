@@ -108,6 +108,7 @@ def conv_configs(
     same_channels: bool = False,
     stride_one: bool = False,
     explicit_padding: bool = True,
+    over_padding: bool = False,
     min_kernel: int = 1,
 ) -> ConvConfig:
     """A valid conv geometry (see :class:`ConvConfig`).
@@ -118,7 +119,10 @@ def conv_configs(
     - stride 1–2 (``stride_one`` forces 1), dilation 1–2 per axis, restricted so that the
       receptive field fits in ``max_input``;
     - groups: 1, a grouped divisor of both channel counts, or depthwise (``in == out == groups``);
-    - padding ``None`` or an explicit pair in ``[0, dilation * (k // 2) + 1]``;
+    - padding ``None`` or an explicit pair in ``[0, dilation * (k // 2)]`` (``over_padding``:
+      up to one more, which exercises positive branch padding but can give outputs that
+      see only padding, e.g. a 1x1 kernel with stride 2 on a 1-wide input, so some weights
+      get no gradient at all);
     - input size odd or even, from the receptive field up to ``max_input``.
     """
     sizes = [k for k in kernel_sizes if k % 2 == 1 and k >= min_kernel and k <= max_input]
@@ -140,7 +144,8 @@ def conv_configs(
     stride = (1, 1) if stride_one else (draw(st.sampled_from(strides)), draw(st.sampled_from(strides)))
     padding = None
     if explicit_padding and draw(st.booleans()):
-        padding = tuple(draw(st.integers(0, d * (k // 2) + 1)) for d, k in zip(dilation, (kh, kw)))
+        extra = 1 if over_padding else 0
+        padding = tuple(draw(st.integers(0, d * (k // 2) + extra)) for d, k in zip(dilation, (kh, kw)))
     input_size = tuple(draw(st.integers(d * (k - 1) + 1, max_input)) for d, k in zip(dilation, (kh, kw)))
     return ConvConfig(cin, cout, (kh, kw), stride, padding, dilation, groups, input_size)  # type: ignore[arg-type]
 
@@ -295,6 +300,8 @@ def adaptive_optimizers(
     names: Sequence[str] = ADAPTIVE_OPTIMIZERS,
     weight_decay: Optional[bool] = None,
     coupled_weight_decay: bool = False,
+    lr: Optional[st.SearchStrategy[float]] = None,
+    strongly_adaptive: bool = False,
 ) -> functools.partial:
     """A factory for one of the element-wise adaptive optimizers with drawn hyperparameters.
 
@@ -303,39 +310,46 @@ def adaptive_optimizers(
     ``coupled_weight_decay=True`` the optimizer is restricted to those with an L2 option and
     gets a coupled ``weight_decay > 0`` (a negative control: no SGS mode is exact).
     ``weight_decay=True/False`` forces decoupled decay on / off where it exists.
+
+    ``strongly_adaptive=True`` keeps every optimizer far from its linear regime (tiny
+    ``eps``, no Adagrad initial accumulator): with a large ``eps`` (or accumulator) relative
+    to the gradients an adaptive step is almost ``lr * g / eps``, i.e. almost SGD, and the
+    negative controls would hardly diverge. ``lr`` overrides the learning-rate strategy
+    (Adadelta's lr is always drawn from {0.5, 1}).
     """
     if coupled_weight_decay:
         names = [n for n in names if n != "AdamW"]
     name = draw(st.sampled_from(list(names)))
-    lr = draw(_small_lrs)
+    lr = draw(lr if lr is not None else _small_lrs)
+    eps_st = st.sampled_from([1e-10, 1e-12]) if strongly_adaptive else _eps
     if weight_decay is None:
         wd = draw(st.sampled_from([0.0, 1e-2, 0.1]))
     else:
         wd = draw(st.sampled_from([1e-2, 0.1])) if weight_decay else 0.0
     kw: dict = {"lr": lr, "maximize": draw(st.booleans())}
     if name in ("Adam", "AdamW"):
-        kw.update(betas=draw(_betas), eps=draw(_eps), amsgrad=draw(st.booleans()))
+        kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
     elif name == "Adamax":
-        kw.update(betas=draw(_betas), eps=draw(_eps))
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
     elif name == "NAdam":
-        kw.update(betas=draw(_betas), eps=draw(_eps), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
+        kw.update(betas=draw(_betas), eps=draw(eps_st), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
     elif name == "RAdam":
-        kw.update(betas=draw(_betas), eps=draw(_eps))
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
     elif name == "Adagrad":
         kw.update(
             lr_decay=draw(st.sampled_from([0.0, 0.1])),
-            initial_accumulator_value=draw(st.sampled_from([0.0, 0.1])),
-            eps=draw(st.sampled_from([1e-10, 1e-6])),
+            initial_accumulator_value=0.0 if strongly_adaptive else draw(st.sampled_from([0.0, 0.1])),
+            eps=draw(eps_st if strongly_adaptive else st.sampled_from([1e-10, 1e-6])),
         )
     elif name == "RMSprop":
         kw.update(
             alpha=draw(st.sampled_from([0.99, 0.9])),
-            eps=draw(_eps),
+            eps=draw(eps_st),
             centered=draw(st.booleans()),
             momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
         )
     elif name == "Adadelta":
-        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(_eps))
+        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(eps_st))
     if coupled_weight_decay:
         kw["weight_decay"] = draw(st.sampled_from([0.05, 0.1, 0.3]))
     elif name == "AdamW":

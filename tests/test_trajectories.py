@@ -1,0 +1,235 @@
+"""The core equivalence properties, checked on whole training trajectories.
+
+A block trained branch by branch and its single conv trained with SGS (``attach_sgs``) must
+follow the same trajectory (verdict "exact", max relative deviation <= 1e-10 in float64)
+wherever theory says so, and must visibly drift apart (deviation >= 1e-6) in the negative
+controls. The merged-mode twin (same parameters, one conv) is always exact.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from reparam import DBBlock
+from verification.engine import compare_trajectories
+from verification.strategies import (
+    BlockFactory,
+    ConvConfig,
+    adaptive_optimizers,
+    blocks,
+    bn_states,
+    conv_configs,
+    lr_schedules,
+    sgd_optimizers,
+)
+from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL
+
+TOL = EXACT_TOL[torch.float64]
+FLOOR = DIVERGENCE_FLOOR[torch.float64]
+assert TOL <= 1e-10 and FLOOR >= 1e-6
+
+small_configs = conv_configs(max_channels=4, max_input=9)
+# DBB's average branch is a plain mask when the kernel is 1x1; keep it a real KxK window.
+dbb_configs = conv_configs(max_channels=4, max_input=9, min_kernel=3)
+identity_configs = conv_configs(max_channels=4, max_input=9, same_channels=True, stride_one=True)
+mask_blocks = blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=small_configs, states=bn_states())
+steps_st = st.integers(2, 8)
+batch_st = st.integers(1, 3)
+
+
+def run(factory: BlockFactory, optimizer, steps: int, batch: int = 2, **kwargs):
+    return compare_trajectories(
+        factory, optimizer, steps=steps, dtype=torch.float64, batch_size=batch,
+        input_size=factory.config.input_size, **kwargs,
+    )
+
+
+def negative_steps(optimizer, steps: int) -> int:
+    """RAdam's first steps (rho_t <= 5, steps 1-6 for every beta2) are its un-rectified,
+    SGD-with-momentum form, which *is* linear in the gradient: the grad-mode controls
+    only diverge once the rectified, adaptive update starts."""
+    return max(steps, 8) if optimizer.func is torch.optim.RAdam else steps
+
+
+def assert_merged_exact(result) -> None:
+    if "merged" in result.verdicts:
+        assert result.verdicts["merged"] == "exact"
+        assert result.max_deviation["merged"] <= TOL
+
+
+def assert_exact(result) -> None:
+    assert result.expected["sgs"] == "exact", result.reasons
+    assert result.verdicts["sgs"] == "exact", (result.max_deviation, result.reasons)
+    assert result.max_deviation["sgs"] <= TOL
+    assert_merged_exact(result)
+    assert result.matches
+    # the trajectory really moved: the comparison is not vacuous
+    first = result.frame[(result.frame.side == "sgs") & (result.frame.step == 1)]
+    assert len(first) == 1 and len(result.frame) == len(result.verdicts) * (result.frame.step.max() + 1)
+
+
+def assert_not_exact(result, verdict: str) -> None:
+    assert result.expected["sgs"] == verdict, result.reasons
+    assert result.verdicts["sgs"] == verdict, result.max_deviation
+    assert result.max_deviation["sgs"] >= FLOOR
+    assert_merged_exact(result)
+    assert result.matches
+
+
+# -- positive properties -------------------------------------------------------------------------
+@given(drawn=mask_blocks, optimizer=sgd_optimizers(), schedule=lr_schedules(), steps=steps_st, batch=batch_st,
+       seed=st.integers(0, 1000))
+def test_sgd_family_is_exact(drawn, optimizer, schedule, steps, batch, seed):
+    factory, _ = drawn
+    result = run(factory, optimizer, steps, batch, seed=seed, scheduler_factory=schedule)
+    assert_exact(result)
+
+
+@given(drawn=mask_blocks, optimizer=adaptive_optimizers(), schedule=lr_schedules(), steps=steps_st, batch=batch_st,
+       seed=st.integers(0, 1000))
+def test_adaptive_optimizers_are_exact_in_update_mode(drawn, optimizer, schedule, steps, batch, seed):
+    factory, _ = drawn
+    result = run(factory, optimizer, steps, batch, seed=seed, scheduler_factory=schedule)
+    assert_exact(result)
+
+
+@given(
+    drawn=blocks(block_types=("repvgg",), bn=("none", "after"), configs=identity_configs, states=bn_states()),
+    optimizer=st.one_of(sgd_optimizers(weight_decay=True), adaptive_optimizers(names=("AdamW", "NAdam", "RAdam"),
+                                                                               weight_decay=True)),
+    schedule=lr_schedules(),
+    steps=steps_st,
+)
+def test_repvgg_identity_with_weight_decay_is_exact(drawn, optimizer, schedule, steps):
+    """Weight decay on the branches pulls W toward the identity kernel C, not toward 0."""
+    factory, _ = drawn
+    block = factory()
+    assert "identity" in block.branches and block.constant_kernel().abs().sum() > 0
+    assert optimizer.keywords["weight_decay"] > 0
+    result = run(factory, optimizer, steps, scheduler_factory=schedule)
+    assert_exact(result)
+
+
+@given(drawn=blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=small_configs),
+       optimizer=st.one_of(sgd_optimizers(), adaptive_optimizers()))
+@settings(max_examples=10)
+def test_channels_last_is_exact(drawn, optimizer):
+    factory, _ = drawn
+    assert_exact(run(factory, optimizer, 4, channels_last=True))
+
+
+@given(
+    config=conv_configs(max_channels=4, max_input=9),
+    bn=st.sampled_from(["none", "after"]),
+    optimizer=sgd_optimizers(),
+    schedule=lr_schedules(),
+    steps=steps_st,
+)
+def test_dbb_linear_preconditioner_is_exact(config, bn, optimizer, schedule, steps):
+    factory = BlockFactory("dbb", config, bn, dbb_branches=("kxk", "1x1", "1x1_avg"))
+    result = run(factory, optimizer, steps, transform="preconditioner", scheduler_factory=schedule)
+    assert_exact(result)
+
+
+# -- negative controls ------------------------------------------------------------------------------
+big_lrs = st.sampled_from([0.05, 0.1, 0.3])
+#: adaptive optimizers away from their near-linear regime (see adaptive_optimizers)
+strongly_adaptive = functools.partial(adaptive_optimizers, lr=st.sampled_from([1e-2, 0.05]), strongly_adaptive=True)
+
+
+@given(drawn=mask_blocks, optimizer=strongly_adaptive(), steps=steps_st)
+def test_adaptive_optimizers_in_grad_mode_diverge(drawn, optimizer, steps):
+    """The SGS paper's order (scale the gradient, then the adaptive step) is not exact."""
+    factory, _ = drawn
+    assert_not_exact(run(factory, optimizer, negative_steps(optimizer, steps), mode="grad"), "diverges")
+
+
+@given(drawn=mask_blocks, optimizer=sgd_optimizers(weight_decay=True, lr=big_lrs), steps=steps_st)
+def test_sgd_with_weight_decay_in_update_mode_diverges(drawn, optimizer, steps):
+    factory, _ = drawn
+    assert_not_exact(run(factory, optimizer, steps, mode="update"), "diverges")
+
+
+@given(drawn=mask_blocks, optimizer=strongly_adaptive(coupled_weight_decay=True), steps=steps_st,
+       mode=st.sampled_from(["auto", "update"]))
+def test_adaptive_with_coupled_weight_decay_diverges(drawn, optimizer, steps, mode):
+    factory, _ = drawn
+    assert optimizer.keywords["weight_decay"] > 0
+    assert_not_exact(run(factory, optimizer, negative_steps(optimizer, steps), mode=mode), "diverges")
+
+
+@given(
+    drawn=blocks(bn=("branch",), configs=small_configs, states=bn_states()),
+    optimizer=st.one_of(sgd_optimizers(lr=big_lrs), strongly_adaptive()),
+    steps=steps_st,
+)
+@settings(max_examples=15)
+def test_batchnorm_inside_branches_is_approximate(drawn, optimizer, steps):
+    factory, _ = drawn
+    result = run(factory, optimizer, steps)
+    assert "merged" not in result.verdicts
+    assert_not_exact(result, "approximate")
+
+
+@given(
+    config=dbb_configs,
+    bn=st.sampled_from(["none", "after"]),
+    branches=st.sampled_from([("kxk", "1x1", "1x1_kxk", "1x1_avg"), ("kxk", "1x1_kxk"), ("kxk", "1x1", "1x1_avg")]),
+    optimizer=st.one_of(sgd_optimizers(lr=big_lrs), strongly_adaptive()),
+    steps=steps_st,
+)
+@settings(max_examples=15)
+def test_dbb_mask_sum_is_approximate(config, bn, branches, optimizer, steps):
+    """The SGS paper's mask-sum for DBB (non-mask branches counted as full windows)."""
+    factory = BlockFactory("dbb", config, bn, dbb_branches=branches)
+    assert_not_exact(run(factory, optimizer, steps), "approximate")
+
+
+@given(config=dbb_configs, optimizer=sgd_optimizers(lr=big_lrs), steps=steps_st)
+@settings(max_examples=15)
+def test_dbb_preconditioner_beats_mask_sum(config, optimizer, steps):
+    """Same DBB (no sequential branch), same SGD: P = J J^T is exact, the mask-sum is not."""
+    factory = BlockFactory("dbb", config, "none", dbb_branches=("kxk", "1x1", "1x1_avg"))
+    exact = run(factory, optimizer, steps, transform="preconditioner")
+    approx = run(factory, optimizer, steps, transform="mask")
+    assert_exact(exact)
+    assert_not_exact(approx, "approximate")
+    assert approx.max_deviation["sgs"] > 1e4 * exact.max_deviation["sgs"]
+
+
+@given(config=dbb_configs, optimizer=strongly_adaptive(), steps=steps_st)
+@settings(max_examples=10)
+def test_dbb_preconditioner_with_adaptive_optimizer_diverges(config, optimizer, steps):
+    """A non-diagonal P has no element-wise update form: adaptive optimizers are not exact."""
+    factory = BlockFactory("dbb", config, "none", dbb_branches=("kxk", "1x1", "1x1_avg"))
+    steps = negative_steps(optimizer, steps)
+    assert_not_exact(run(factory, optimizer, steps, transform="preconditioner"), "diverges")
+
+
+# -- fixed regression anchors (the numbers of the notes, at small scale) ------------------------------
+def test_acb_adam_grad_vs_update_anchor():
+    factory = BlockFactory("acb", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "none")
+    opt = functools.partial(torch.optim.Adam, lr=0.01)
+    exact = run(factory, opt, 8, mode="update")
+    wrong = run(factory, opt, 8, mode="grad")
+    assert_exact(exact)
+    assert_not_exact(wrong, "diverges")
+    assert wrong.max_deviation["sgs"] > 1e-2
+
+
+def test_repvgg_identity_weight_decay_anchor():
+    factory = BlockFactory("repvgg", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "none")
+    opt = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=0.05)
+    result = run(factory, opt, 8)
+    assert_exact(result)
+
+
+@pytest.mark.parametrize("cls", ["acb", "repvgg"])
+def test_channels_last_anchor(cls):
+    factory = BlockFactory(cls, ConvConfig(4, 4, (3, 3), input_size=(8, 8)), "after")
+    opt = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)
+    assert_exact(run(factory, opt, 6, channels_last=True))
