@@ -24,3 +24,13 @@ class PGTAssumptionError(ReparamError):
     """The PowerGrad logits transform cannot rebuild the transformed gradient because
     the incoming gradient does not have the softmax cross-entropy form it assumes
     (or the per-row scale of that form cannot be recovered)."""
+
+
+class ConversionError(ReparamError):
+    """A model cannot be converted, fused or turned into its SGS form as asked, or a model
+    spec (``torchvision:<name>`` / ``module:callable``) cannot be resolved."""
+
+
+class MaskFileError(ReparamError):
+    """A mask file is unreadable (corrupted, truncated, not a reparam mask file, unknown
+    schema) or does not fit the model it is loaded into (missing layers, wrong shapes)."""

@@ -1,0 +1,36 @@
+"""Convert real models: conv -> reparameterization block (and back), plain SGS form, mask files.
+
+- :func:`convert_model`: every eligible ``nn.Conv2d`` (+ the BatchNorm that solely consumes
+  it, found by torch.fx tracing) becomes an ACB / RepVGG / DBB block, function-preserving.
+- :func:`fuse_model`: every block becomes its fused ``nn.Conv2d`` (deploy form).
+- :func:`to_sgs`: every block becomes the plain conv SGS trains, with masks keyed by name.
+- :func:`save_masks` / :func:`load_masks`: safetensors mask files, validated against a model.
+- :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
+"""
+from reparam.convert.graph import DataflowPairs, find_conv_bn_pairs
+from reparam.convert.loading import load_model
+from reparam.convert.maskfile import MaskFile, load_masks, read_mask_file, save_masks, validate_mask_file
+from reparam.convert.model import ConvBN, SGSConversion, convert_model, fuse_model, max_output_difference, to_sgs
+from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
+
+__all__ = [
+    "ConvBN",
+    "ConversionReport",
+    "ConvertedLayer",
+    "DataflowPairs",
+    "MaskFile",
+    "SGSConversion",
+    "SGSLayer",
+    "SGSReport",
+    "SkippedLayer",
+    "convert_model",
+    "find_conv_bn_pairs",
+    "fuse_model",
+    "load_masks",
+    "load_model",
+    "max_output_difference",
+    "read_mask_file",
+    "save_masks",
+    "to_sgs",
+    "validate_mask_file",
+]

@@ -1,0 +1,63 @@
+"""Resolve a model spec: ``torchvision:<name>`` (random weights, never downloads) or
+``module:callable`` (import ``module``, call ``callable()`` with no arguments)."""
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from reparam.errors import ConversionError
+
+SPEC_HELP = "use 'torchvision:<name>' (e.g. torchvision:resnet18) or 'module:callable' (e.g. mypkg.nets:make_net)"
+
+
+def load_model(spec: str) -> nn.Module:
+    """Build the model named by ``spec``; raise :class:`ConversionError` with a clear message
+    for a malformed spec, an unknown torchvision model, an import error, a non-callable, or a
+    callable that does not return an ``nn.Module`` with at least one ``nn.Conv2d``."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConversionError(f"model spec {spec!r} is not understood; {SPEC_HELP}")
+    source, _, name = spec.partition(":")
+    if not source or not name:
+        raise ConversionError(f"model spec {spec!r} is incomplete; {SPEC_HELP}")
+    if source == "torchvision":
+        model = _torchvision_model(name)
+    else:
+        model = _callable_model(source, name, spec)
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"model spec {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise ConversionError(f"model spec {spec!r}: the model has no nn.Conv2d to convert")
+    return model
+
+
+def _torchvision_model(name: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as err:
+        raise ConversionError(f"torchvision is not installed ({err})") from None
+    available = set(torchvision.models.list_models(module=torchvision.models))
+    if name not in available:
+        close = sorted(n for n in available if n.startswith(name[:3]))[:8]
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ConversionError(f"torchvision has no classification model {name!r}{hint}")
+    return torchvision.models.get_model(name, weights=None)
+
+
+def _callable_model(module_name: str, attr: str, spec: str) -> nn.Module:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConversionError(f"model spec {spec!r}: cannot import module {module_name!r}: {err}") from None
+    target = module
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConversionError(f"model spec {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+    if not callable(target):
+        raise ConversionError(f"model spec {spec!r}: {attr!r} is not callable")
+    try:
+        return target()
+    except TypeError as err:
+        raise ConversionError(f"model spec {spec!r}: calling {attr}() with no arguments failed: {err}") from None
