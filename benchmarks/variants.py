@@ -82,13 +82,9 @@ def _convert_module():
 
 
 def load_model(spec: str) -> nn.Module:
-    """Instantiate ``torchvision:<name>`` (random weights) or ``module:callable``."""
-    convert = _convert_module()
-    for attr in ("load_model_spec", "load_model", "model_from_spec", "build_model"):
-        loader = getattr(convert, attr, None)
-        if callable(loader):
-            return loader(spec)
-    raise RuntimeError("reparam.convert exposes no model loader (expected load_model_spec)")
+    """Instantiate ``torchvision:<name>`` (random weights) or ``module:callable``
+    (:func:`reparam.convert.load_model`)."""
+    return _convert_module().load_model(spec)
 
 
 def convert_model(model: nn.Module, block: str, bn: str) -> nn.Module:
