@@ -172,6 +172,20 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (e.g. ``timeout``) like Ctrl-C so finished rows and the chart are kept.
+    Returns the previous handler, or None when not in the main thread."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def default_out(device: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("benchmarks") / "results" / f"{device.split(':')[0]}-{stamp}"
@@ -209,6 +223,7 @@ def run_benchmark(opts: BenchOptions, echo=print) -> tuple[list[dict], dict, dic
     paths: dict = {}
     interrupted = False
     bar = None
+    previous_sigterm = _sigterm_as_interrupt()
     if opts.progress:
         from tqdm import tqdm
 
@@ -233,6 +248,8 @@ def run_benchmark(opts: BenchOptions, echo=print) -> tuple[list[dict], dict, dic
         interrupted = True
         environment["interrupted"] = True
     finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if bar is not None:
             bar.close()
         report.add_ratios(rows)
