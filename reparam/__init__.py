@@ -4,7 +4,14 @@ Blocks (:mod:`reparam.blocks`) -> kernel algebra (:mod:`reparam.kernels`) ->
 masks and preconditioners -> the optimizer-side transform (:mod:`reparam.sgs`).
 """
 from reparam.blocks import ACBlock, DBBlock, RepVGGBlock, ReparamBlock
-from reparam.errors import ConfigError, NotEquivalent, NotMaskEquivalent, ReparamError
+from reparam.errors import ConfigError, NotEquivalent, NotMaskEquivalent, PGTAssumptionError, ReparamError
+from reparam.pgt import (
+    PowerGradCrossEntropy,
+    PowerGradLogits,
+    adaptive_grad_clip_,
+    power_grad_cross_entropy,
+    power_grad_logits,
+)
 from reparam.sgs import NotEquivalentWarning, SGSHandle, SpatialPreconditioner, attach_sgs
 
 __version__ = "0.1.0"
@@ -16,10 +23,16 @@ __all__ = [
     "NotEquivalent",
     "NotEquivalentWarning",
     "NotMaskEquivalent",
+    "PGTAssumptionError",
+    "PowerGradCrossEntropy",
+    "PowerGradLogits",
     "RepVGGBlock",
     "ReparamBlock",
     "ReparamError",
     "SGSHandle",
     "SpatialPreconditioner",
+    "adaptive_grad_clip_",
     "attach_sgs",
+    "power_grad_cross_entropy",
+    "power_grad_logits",
 ]

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
 from verification.engine import compare_trajectories
+from verification.tolerances import single_thread
 
 SECTION = "sgs"
 
@@ -133,7 +134,8 @@ def run_sgs_section(
     """Run every case; returns ``(summary, curves)`` frames (one row per case / per step and side)."""
     rows, curves = [], []
     for case in tqdm(cases, desc="sgs equivalence", unit="case", disable=not progress, leave=False):
-        row, curve = run_case(case, steps, dtype, device, seed)
+        with single_thread():
+            row, curve = run_case(case, steps, dtype, device, seed)
         rows.append(row)
         curves.append(curve)
     return pd.DataFrame(rows), pd.concat(curves, ignore_index=True)

@@ -7,28 +7,15 @@ from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
 from reparam.sgs.theory import exact_mode, inexact_reasons
 
-EXACT, APPROXIMATE, DIVERGES, INCONCLUSIVE = "exact", "approximate", "diverges", "inconclusive"
-
-#: max relative deviation at or below which a trajectory counts as exact. float64: the
-#: brief's 1e-10 (measured exact cases sit near 1e-15). float32: accumulated rounding of a
-#: few dozen steps of tiny convs stays below 1e-5; 1e-4 leaves a margin.
-EXACT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
-#: a non-exact trajectory must deviate at least this much, so that "exact" and "not exact"
-#: are separated by a clear gap; anything in between is "inconclusive" and fails the suite.
-DIVERGENCE_FLOOR = {torch.float64: 1e-6, torch.float32: 1e-2, torch.bfloat16: 0.5, torch.float16: 0.5}
-
-
-def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool) -> str:
-    """``exact`` below the tolerance; above the divergence floor ``approximate`` when theory
-    offers only an approximation (per-branch BN, non-mask branches), else ``diverges``."""
-    if max_rel_dev != max_rel_dev:  # NaN
-        return DIVERGES
-    if max_rel_dev <= EXACT_TOL[dtype]:
-        return EXACT
-    if max_rel_dev >= DIVERGENCE_FLOOR[dtype]:
-        return APPROXIMATE if approximation else DIVERGES
-    return INCONCLUSIVE
-
+from verification.tolerances import (  # noqa: F401  (re-exported)
+    APPROXIMATE,
+    DIVERGENCE_FLOOR,
+    DIVERGES,
+    EXACT,
+    EXACT_TOL,
+    INCONCLUSIVE,
+    classify,
+)
 
 def structural_exactness(block: ReparamBlock, transform: str = "mask") -> tuple[bool, list[str]]:
     """Whether the block has an exact gradient form of the given kind (``mask`` or ``preconditioner``)."""

@@ -15,11 +15,10 @@ two trainings identical under any optimizer, which is what the "exact" cases sho
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -28,6 +27,8 @@ from torch import Tensor, nn
 
 from reparam.pgt import power_grad_cross_entropy, power_grad_logits
 
+from verification.tolerances import classify, single_thread
+
 from .reference import reference_reconstruct_from_grad_hook
 
 __all__ = ["run_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS"]
@@ -35,7 +36,7 @@ __all__ = ["run_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS"]
 SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
 CURVE_COLUMNS = ["section", "case", "step", "rel_dev"]
 
-_TOLERANCES = {torch.float64: (1e-10, 1e-6), torch.float32: (1e-4, 1e-2)}
+_DTYPES = (torch.float64, torch.float32)
 _BATCH = 8
 _CLASSES = 5
 _NUM_BATCHES = 4
@@ -223,25 +224,6 @@ def _run_case(
     return max_abs, max_rel, curve
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    """Tiny ops are dominated by intra-op threading overhead: run them on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _verdict(max_rel: float, exact_tol: float, diverge_tol: float) -> str:
-    if not math.isfinite(max_rel) or max_rel > diverge_tol:
-        return "diverges"
-    if max_rel <= exact_tol:
-        return "exact"
-    return "inconclusive"
-
-
 def run_pgt_section(
     steps: int = 20,
     dtype: torch.dtype = torch.float64,
@@ -256,13 +238,12 @@ def run_pgt_section(
     max_rel_dev, match, detail``.  ``curves``: ``section, case, step, rel_dev`` per step.
     ``quick`` caps the trajectory at 5 steps.
     """
-    if dtype not in _TOLERANCES:
+    if dtype not in _DTYPES:
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if quick:
         steps = min(steps, 5)
-    exact_tol, diverge_tol = _TOLERANCES[dtype]
     dev = torch.device(device)
     base = _make_model(dtype, dev, seed)
     data = _make_data(dtype, dev, seed)
@@ -278,9 +259,9 @@ def run_pgt_section(
     rows: list[dict[str, object]] = []
     curves: list[dict[str, object]] = []
     for case in iterator:  # type: ignore[union-attr]
-        with _single_thread():
+        with single_thread():
             max_abs, max_rel, curve = _run_case(case, base, data[case.targets], steps)
-        observed = _verdict(max_rel, exact_tol, diverge_tol)
+        observed = classify(max_rel, dtype, approximation=False)
         opt_name = "SGD momentum" if case.optimizer == "sgdm" else "Adam"
         rows.append(
             {

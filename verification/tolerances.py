@@ -1,0 +1,43 @@
+"""Verdict thresholds and the classification rule shared by every verification section.
+Only depends on torch, so any section can use it."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+EXACT, APPROXIMATE, DIVERGES, INCONCLUSIVE = "exact", "approximate", "diverges", "inconclusive"
+
+#: max relative deviation at or below which a trajectory counts as exact. float64: the
+#: brief's 1e-10 (measured exact cases sit below 1e-13). float32: the default suite's exact
+#: cases measured at most 1.5e-5 after 20 steps; 1e-4 leaves a margin.
+EXACT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+#: a non-exact trajectory must deviate at least this much, so that "exact" and "not exact"
+#: are separated by a clear gap; anything in between is "inconclusive" and fails the suite.
+#: The weakest negative control of the default suite (RAdam in grad mode, whose first five
+#: un-rectified steps are SGD-like and exact) measured 4e-3 in both float64 and float32.
+DIVERGENCE_FLOOR = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.5}
+
+
+def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool) -> str:
+    """``exact`` below the tolerance; above the divergence floor ``approximate`` when theory
+    offers only an approximation (per-branch BN, non-mask branches), else ``diverges``."""
+    if max_rel_dev != max_rel_dev:  # NaN
+        return DIVERGES
+    if max_rel_dev <= EXACT_TOL[dtype]:
+        return EXACT
+    if max_rel_dev >= DIVERGENCE_FLOOR[dtype]:
+        return APPROXIMATE if approximation else DIVERGES
+    return INCONCLUSIVE
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny ops are dominated by intra-op threading overhead: run them on one thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
