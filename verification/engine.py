@@ -127,7 +127,7 @@ def compare_trajectories(
         constants = {conv.weight: constant} if constant.abs().sum() > 0 else None
         handle = attach_sgs(optimizers["sgs"], {conv.weight: mask}, mode=mode, strict=False, constant_kernels=constants)
     schedulers = {n: scheduler_factory(o) for n, o in optimizers.items()} if scheduler_factory else {}
-    expected_sgs, reason = expected_verdict(block, optimizers["sgs"], mode, transform)
+    expected_sgs, reason = expected_verdict(block, optimizers["sgs"], mode, transform, steps)
 
     generator = torch.Generator().manual_seed(seed + 1)
     modules = {"branched": block, **sides}

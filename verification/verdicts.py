@@ -5,7 +5,7 @@ import torch
 
 from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
-from reparam.sgs.theory import exact_mode, inexact_reasons
+from reparam.sgs.theory import exact_mode, inexact_reasons_for_steps
 
 from verification.tolerances import (  # noqa: F401  (re-exported)
     APPROXIMATE,
@@ -31,16 +31,17 @@ def structural_exactness(block: ReparamBlock, transform: str = "mask") -> tuple[
 
 
 def expected_verdict(
-    block: ReparamBlock, optimizer: torch.optim.Optimizer, mode: str, transform: str = "mask"
+    block: ReparamBlock, optimizer: torch.optim.Optimizer, mode: str, transform: str = "mask", steps: int | None = None
 ) -> tuple[str, str]:
-    """The verdict theory predicts for SGS training vs branched training, with the reason."""
+    """The verdict theory predicts for SGS training vs branched training over ``steps`` steps
+    (``None``: arbitrarily many), with the reason."""
     exact_struct, reasons = structural_exactness(block, transform)
     if not exact_struct:
         return APPROXIMATE, "; ".join(reasons)
     nondiagonal = transform == "preconditioner" and not _is_diagonal(block.spatial_preconditioner())
     groups = optimizer.param_groups
     chosen = mode if mode != "auto" else (exact_mode(optimizer, groups, nondiagonal) or "grad")
-    reason = inexact_reasons(optimizer, groups, nondiagonal)[chosen]
+    reason = inexact_reasons_for_steps(optimizer, groups, steps if steps is not None else 1 << 30, nondiagonal)[chosen]
     return (EXACT, f"mode {chosen!r} is exact for {type(optimizer).__name__}") if reason is None else (DIVERGES, reason)
 
 

@@ -235,6 +235,8 @@ class AverageBranch(Branch):
         return _maybe_fold(weight, bias, self.second_bn)
 
     def masks(self, approximate: bool = False) -> list[Tensor]:
+        if self.geometry.kernel_size == (1, 1):  # averaging one tap is the identity: a 1x1 mask
+            return [self._full_mask()]
         return self._not_mask(
             approximate,
             "one trainable weight per channel pair is spread over the whole KxK window, so J J^T is not "

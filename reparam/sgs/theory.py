@@ -79,6 +79,33 @@ def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondia
     return {"grad": grad, "update": update}
 
 
+def radam_first_rectified_step(beta2: float) -> int:
+    """The first step ``t`` at which RAdam's variance rectification switches on
+    (``rho_t > 5``). Before it RAdam steps with bias-corrected momentum only, which is linear in
+    the gradient, so ``"grad"`` mode is exact for trajectories shorter than this."""
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    t = 1
+    while rho_inf - 2.0 * t * beta2**t / (1.0 - beta2**t) <= 5.0:
+        t += 1
+    return t
+
+
+def inexact_reasons_for_steps(
+    optimizer: torch.optim.Optimizer, groups: list[dict], steps: int, nondiagonal: bool = False
+) -> dict[str, str | None]:
+    """:func:`inexact_reasons` for a trajectory of ``steps`` steps: RAdam before its first
+    rectified step is SGD-like (linear), so ``"grad"`` is exact there."""
+    reasons = inexact_reasons(optimizer, groups, nondiagonal)
+    if (
+        isinstance(optimizer, torch.optim.RAdam)
+        and reasons["grad"] is not None
+        and not any(coupled_decay(optimizer, g) for g in groups)
+        and steps < min(radam_first_rectified_step(g["betas"][1]) for g in groups)
+    ):
+        reasons["grad"] = None
+    return reasons
+
+
 def exact_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str | None:
     """The mode that reproduces branched training exactly (``"grad"`` preferred), or None."""
     reasons = inexact_reasons(optimizer, groups, nondiagonal)
