@@ -185,8 +185,14 @@ def num_classes_of(model: nn.Module, images: torch.Tensor) -> int:
 
 
 # -- timing --------------------------------------------------------------------------------
-def time_steps(step: Callable[[], None], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Milliseconds of each of ``steps`` timed steps after ``warmup`` untimed ones."""
+def time_steps(
+    step: Callable[[], None], device: torch.device, warmup: int, steps: int, cpu_times: list[float] | None = None
+) -> list[float]:
+    """Milliseconds of each of ``steps`` timed steps after ``warmup`` untimed ones.
+
+    On CPU, ``cpu_times`` (if given) receives each step's process CPU time in ms
+    (``time.process_time``): with several threads it is the sum over threads, and it is
+    much less sensitive than wall time to other processes competing for the cores."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -200,9 +206,12 @@ def time_steps(step: Callable[[], None], device: torch.device, warmup: int, step
         return [start.elapsed_time(end) for start, end in events]
     times = []
     for _ in range(steps):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
+        if cpu_times is not None:
+            cpu_times.append((time.process_time() - c0) * 1e3)
     return times
 
 

@@ -20,6 +20,8 @@ COLUMNS = (
     "min_ms",
     "images_per_s",
     "time_ratio",
+    "cpu_median_ms",
+    "cpu_time_ratio",
     "peak_mem_mb",
     "mem_ratio",
     "mem_kind",
@@ -41,7 +43,7 @@ COLUMNS = (
 )
 TERMINAL_COLUMNS = (
     "model", "image_size", "batch_size", "variant", "status", "median_ms", "iqr_ms",
-    "images_per_s", "time_ratio", "peak_mem_mb", "mem_ratio", "params",
+    "images_per_s", "time_ratio", "cpu_time_ratio", "peak_mem_mb", "mem_ratio", "params",
 )
 FILES = {"csv": "results.csv", "md": "results.md", "json": "results.json", "png": "ratios.png"}
 
@@ -51,12 +53,13 @@ def _ok(value) -> bool:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """``time_ratio``, ``mem_ratio``, ``params_ratio``: each row over ``plain`` of the
+    """``time_ratio``, ``cpu_time_ratio``, ``mem_ratio``, ``params_ratio``: each row over ``plain`` of the
     same model, image size and batch size in this run (None when either is missing)."""
     plain = {(r["model"], r["image_size"], r["batch_size"]): r for r in rows if r["variant"] == "plain"}
     for row in rows:
         ref = plain.get((row["model"], row["image_size"], row["batch_size"]))
-        for col, src in (("time_ratio", "median_ms"), ("mem_ratio", "peak_mem_mb"), ("params_ratio", "params")):
+        for col, src in (("time_ratio", "median_ms"), ("cpu_time_ratio", "cpu_median_ms"),
+                         ("mem_ratio", "peak_mem_mb"), ("params_ratio", "params")):
             a = row.get(src)
             b = ref.get(src) if ref is not None and ref.get("status") == "ok" and row.get("status") == "ok" else None
             row[col] = a / b if _ok(a) and _ok(b) and b > 0 else None
@@ -146,10 +149,14 @@ def plot_ratios(rows: list[dict], path: Path, title: str = "") -> Path | None:
     for ax, ((model, size, batch), group) in zip(axes[:, 0], groups.items()):
         names = [r["variant"] for r in group]
         x = list(range(len(names)))
-        t = [r.get("time_ratio") if _ok(r.get("time_ratio")) else 0.0 for r in group]
-        m = [r.get("mem_ratio") if _ok(r.get("mem_ratio")) else 0.0 for r in group]
-        ax.bar([i - 0.2 for i in x], t, width=0.4, label="time / plain")
-        ax.bar([i + 0.2 for i in x], m, width=0.4, label="peak memory / plain")
+        series = [("time_ratio", "wall time / plain"), ("cpu_time_ratio", "CPU time / plain"),
+                  ("mem_ratio", "peak memory / plain")]
+        series = [(c, label) for c, label in series if any(_ok(r.get(c)) for r in group)]
+        width = 0.8 / max(1, len(series))
+        for k, (col, label) in enumerate(series):
+            values = [r.get(col) if _ok(r.get(col)) else 0.0 for r in group]
+            offset = (k - (len(series) - 1) / 2) * width
+            ax.bar([i + offset for i in x], values, width=width, label=label)
         for i, r in enumerate(group):
             if r.get("status") != "ok":
                 ax.text(i, 0.05, str(r.get("status")), rotation=90, ha="center", va="bottom", fontsize=8)

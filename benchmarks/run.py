@@ -116,9 +116,12 @@ def measure_row(spec: RowSpec) -> dict:
         num_classes = _num_classes(built.model, images, measure)
         images, labels = measure.make_batch(spec.batch_size, spec.image_size, num_classes, cfg)
         step = measure.make_step(built.model, built.optimizer, images, labels, cfg)
-        times = measure.time_steps(step, device, spec.warmup, spec.steps)
+        cpu_times: list[float] = []
+        times = measure.time_steps(step, device, spec.warmup, spec.steps, cpu_times)
         peak = meter.peak_bytes()
         row.update(measure.summarize(times, spec.batch_size))
+        if cpu_times:
+            row["cpu_median_ms"] = measure.summarize(cpu_times, spec.batch_size)["median_ms"]
         row.update(status="ok", peak_mem_mb=None if peak is None else peak / 2**20, mem_kind=meter.kind)
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
         oom = measure.is_oom(exc)

@@ -35,7 +35,8 @@ def test_smoke_all_variants(tmp_path):
     assert (table["iqr_ms"] >= 0).all() and (table["params"] > 0).all()
     plain = table[table["variant"] == "plain"].iloc[0]
     assert plain["time_ratio"] == pytest.approx(1.0) and plain["params_ratio"] == pytest.approx(1.0)
-    assert table["time_ratio"].notna().all()
+    assert table["time_ratio"].notna().all() and table["cpu_time_ratio"].notna().all()
+    assert (table["cpu_median_ms"] > 0).all()
     sgs = table[table["variant"].str.startswith("sgs")]
     assert (sgs["masked_params"] > 0).all()
     assert (sgs["blocks"] > 0).all()
@@ -66,11 +67,11 @@ def test_oom_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     real = measure.time_steps
     calls = []
 
-    def flaky(step, device, warmup, steps):
+    def flaky(step, device, warmup, steps, cpu_times=None):
         calls.append(1)
         if len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(step, device, warmup, steps)
+        return real(step, device, warmup, steps, cpu_times)
 
     monkeypatch.setattr(measure, "time_steps", flaky)
     code, out = _bench(tmp_path, "--variants", "plain", "acb-merged", "repvgg", "--isolate", "never")
