@@ -83,6 +83,16 @@ class ConvConfig:
         return tuple(d * (k - 1) + 1 for d, k in zip(self.dilation, self.kernel_size))  # type: ignore[return-value]
 
     @property
+    def output_size(self) -> tuple[int, int]:
+        """Spatial size of the conv output for ``input_size``."""
+        padding = self.padding if self.padding is not None else tuple(
+            d * (k // 2) for d, k in zip(self.dilation, self.kernel_size)
+        )
+        return tuple(  # type: ignore[return-value]
+            (n + 2 * p - r) // s + 1 for n, p, r, s in zip(self.input_size, padding, self.receptive_field, self.stride)
+        )
+
+    @property
     def depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
 
