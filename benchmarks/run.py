@@ -42,6 +42,7 @@ class BenchOptions:
     steps: int = 30
     warmup: int = 10
     isolate: str = "auto"  # auto (subprocess per row on CPU) | always | never
+    row_timeout: float | None = None  # seconds per isolated row
     threads: int | None = None
     out: str | None = None
     progress: bool = True
@@ -144,15 +145,23 @@ def measure_row(spec: RowSpec) -> dict:
     return row
 
 
-def _run_isolated(spec: RowSpec) -> dict:
-    """Run :func:`measure_row` in a fresh Python process and read its row back."""
+def _run_isolated(spec: RowSpec, timeout: float | None = None) -> dict:
+    """Run :func:`measure_row` in a fresh Python process and read its row back; a row
+    running longer than ``timeout`` seconds is killed and recorded as ``timeout``."""
     with tempfile.TemporaryDirectory(prefix="reparam-bench-") as tmp:
         out = Path(tmp) / "row.json"
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         cmd = [sys.executable, "-m", "benchmarks.run", "--worker", json.dumps(asdict(spec)), str(out)]
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc = subprocess.run(
+                cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            row = _base_row(spec)
+            row.update(status="timeout", error=f"row took longer than --row-timeout {timeout:g} s", isolated=True)
+            return row
         if out.exists():
             row = json.loads(out.read_text())
         else:
@@ -235,7 +244,7 @@ def run_benchmark(opts: BenchOptions, echo=print) -> tuple[list[dict], dict, dic
         for spec in specs:
             if bar is not None:
                 bar.set_description(f"{spec.model} {spec.image_size}px b{spec.batch_size} {spec.variant}")
-            row = _run_isolated(spec) if isolate else measure_row(spec)
+            row = _run_isolated(spec, opts.row_timeout) if isolate else measure_row(spec)
             row.setdefault("isolated", False)
             rows.append(row)
             report.add_ratios(rows)

@@ -132,3 +132,10 @@ def test_variant_names_and_options():
     assert main(["bench", "--dtype", "bfloat16", "--amp", "bf16"]) == 2
     assert run.model_spec("resnet18") == "torchvision:resnet18"
     assert run.model_spec("pkg.mod:fn") == "pkg.mod:fn"
+
+
+def test_row_timeout_is_recorded(tmp_path):
+    code, out = _bench(tmp_path, "--variants", "plain", "--isolate", "always", "--row-timeout", "0.2")
+    assert code == 0
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["status"]) == ["timeout"] and "row-timeout" in table["error"].iloc[0]

@@ -52,6 +52,8 @@ def register(subparsers: Any) -> None:
                         help="resnet18 at 32px batch 16, 2 warm-up + 5 steps (explicit options override)")
     parser.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
                         help="one subprocess per row: auto = on CPU (separate peak RSS), always, never")
+    parser.add_argument("--row-timeout", type=float, default=None, metavar="S",
+                        help="kill an isolated row after S seconds and record it as 'timeout'")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: benchmarks/results/<device>-<timestamp>)")
@@ -90,7 +92,7 @@ def options_from_args(args: argparse.Namespace):
         models=models, sizes=list(zip(sizes_px, batches)), variants=args.variants or ["all"],
         device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark, tf32=args.tf32, compile=args.compile, steps=steps,
-        warmup=warmup, isolate=args.isolate, threads=args.threads, out=args.out, progress=not args.no_progress,
+        warmup=warmup, isolate=args.isolate, row_timeout=args.row_timeout, threads=args.threads, out=args.out, progress=not args.no_progress,
     )
 
 
