@@ -14,7 +14,8 @@ the model was built. On Linux the high-water mark is reset through ``/proc/self/
 and read from ``VmHWM``; elsewhere ``resource.getrusage``'s ``ru_maxrss`` (a
 process-lifetime high-water mark) is used. On both devices the peak is reset again once the
 variant is built (keeping what stays allocated), so transient model copies made by the
-converters do not count; with ``ru_maxrss`` that reset is impossible. Memory the allocator keeps
+converters do not count; with ``ru_maxrss`` that reset is impossible. On CPU, free heap
+pages are returned to the OS (``malloc_trim``) before the baseline and before that reset. Memory the allocator keeps
 from an earlier row would be reused without raising the RSS, so the runner measures each
 CPU row in a fresh subprocess by default.
 """
@@ -53,6 +54,20 @@ def _ru_maxrss_bytes() -> int | None:
     return value if sys.platform == "darwin" else value * 1024  # bytes on macOS, KiB on Linux
 
 
+def _release_free_heap() -> None:
+    """Return free heap pages to the OS (glibc ``malloc_trim``), so that memory freed while
+    building a variant is not resident-but-reusable during training (which would hide the
+    training peak from the RSS). No-op without glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - musl etc.
+        pass
+
+
 class MemoryMeter:
     """Peak memory above a baseline taken at :meth:`start`."""
 
@@ -71,6 +86,7 @@ class MemoryMeter:
             self._base = 0  # the peak counts all live allocations (baseline reported separately)
             self.baseline = torch.cuda.memory_allocated(self.device)
             return
+        _release_free_heap()
         rss = _proc_status_kb("VmRSS")
         reset = False
         if rss is not None:
@@ -96,6 +112,7 @@ class MemoryMeter:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.kind.endswith("(VmHWM)"):
+            _release_free_heap()
             try:
                 with open("/proc/self/clear_refs", "w") as fh:
                     fh.write("5")

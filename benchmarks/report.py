@@ -165,7 +165,8 @@ def plot_ratios(rows: list[dict], path: Path, title: str = "") -> Path | None:
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("ratio to plain")
         ax.set_title(f"{model}  {size}x{size}  batch {batch}", fontsize=10)
-        ax.legend(fontsize=8, loc="upper left")
+        if series:
+            ax.legend(fontsize=8, loc="upper left")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
