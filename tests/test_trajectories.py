@@ -164,12 +164,26 @@ def test_sgd_with_weight_decay_in_update_mode_diverges(drawn, optimizer, steps):
     assert_not_exact(run(factory, optimizer, steps, mode="update"), "diverges")
 
 
-@given(drawn=mask_blocks, optimizer=strongly_adaptive(coupled_weight_decay=True), steps=steps_st,
-       mode=st.sampled_from(["auto", "update"]))
-def test_adaptive_with_coupled_weight_decay_diverges(drawn, optimizer, steps, mode):
+@given(drawn=mask_blocks, optimizer=strongly_adaptive(coupled_weight_decay=True), steps=steps_st)
+def test_adaptive_with_coupled_weight_decay_diverges(drawn, optimizer, steps):
+    """No mode is exact; "auto" falls back to grad mode (strict=False)."""
     factory, _ = drawn
     assert optimizer.keywords["weight_decay"] > 0
-    assert_not_exact(run(factory, optimizer, negative_steps(optimizer, steps), mode=mode), "diverges")
+    assert_not_exact(run(factory, optimizer, negative_steps(optimizer, steps), mode="auto"), "diverges")
+
+
+@given(
+    drawn=mask_blocks,
+    # Adadelta's first steps are ~sqrt(eps) small, so the decay mismatch stays below the
+    # divergence floor for a few steps; it is covered by the grad-mode control above.
+    optimizer=strongly_adaptive(names=("Adam", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop"),
+                                coupled_weight_decay=True),
+    steps=steps_st,
+)
+def test_adaptive_with_coupled_weight_decay_diverges_in_update_mode(drawn, optimizer, steps):
+    """Update mode alone would be exact; the coupled L2 term inside the adaptive step is not."""
+    factory, _ = drawn
+    assert_not_exact(run(factory, optimizer, steps, mode="update"), "diverges")
 
 
 @given(
