@@ -203,6 +203,25 @@ def test_include_exclude_patterns():
     assert "exclude" in reasons["c3"] and "include" in reasons["shared"]
 
 
+def test_direct_parameter_reads_are_skipped_and_frozen_convs_stay_frozen():
+    class Standardized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ws = nn.Conv2d(3, 4, 3, padding=1)
+            self.frozen = nn.Conv2d(4, 4, 3, padding=1).requires_grad_(False)
+
+        def forward(self, x):
+            w = self.ws.weight
+            w = (w - w.mean((1, 2, 3), keepdim=True)) / w.std((1, 2, 3), keepdim=True)
+            return self.frozen(F.conv2d(x, w, self.ws.bias, padding=1))
+
+    converted = convert_model(Standardized(), "acb")
+    skipped = {r.name: r.reason for r in converted.reparam_report.skipped}
+    assert set(skipped) == {"ws"} and "ws.weight" in skipped["ws"]
+    assert not any(p.requires_grad for p in converted.frozen.parameters())
+    converted(torch.randn(1, 3, 5, 5))
+
+
 def test_bad_arguments():
     with pytest.raises(ConfigError, match="block"):
         convert_model(Edgy(), "nope")

@@ -7,7 +7,7 @@
 - :func:`save_masks` / :func:`load_masks`: safetensors mask files, validated against a model.
 - :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
 """
-from reparam.convert.graph import DataflowPairs, find_conv_bn_pairs
+from reparam.convert.graph import DataflowPairs, find_conv_bn_pairs, reads_attributes_of
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import MaskFile, load_masks, read_mask_file, save_masks, validate_mask_file
 from reparam.convert.model import ConvBN, SGSConversion, convert_model, fuse_model, max_output_difference, to_sgs
@@ -30,6 +30,7 @@ __all__ = [
     "load_model",
     "max_output_difference",
     "read_mask_file",
+    "reads_attributes_of",
     "save_masks",
     "to_sgs",
     "validate_mask_file",

@@ -31,6 +31,7 @@ class DataflowPairs:
     error: str | None = None
     calls: Counter = field(default_factory=Counter)  # qualified module name -> call count in the graph
     why_not: dict[str, str] = field(default_factory=dict)  # conv name -> why its BN was not absorbed
+    attributes: set = field(default_factory=set)  # qualified names of parameters/buffers read directly
 
 
 def _absorbable_bn(bn: nn.Module, channels: int) -> str | None:
@@ -59,6 +60,8 @@ def find_conv_bn_pairs(model: nn.Module) -> DataflowPairs:
     for node in graph.nodes:
         if node.op == "call_module":
             result.calls[node.target] += 1
+        elif node.op == "get_attr":
+            result.attributes.add(str(node.target))
     for node in graph.nodes:
         if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
             continue
@@ -86,3 +89,10 @@ def find_conv_bn_pairs(model: nn.Module) -> DataflowPairs:
             continue
         result.pairs[conv_name] = user.target
     return result
+
+
+def reads_attributes_of(pairs: DataflowPairs, module_name: str) -> list[str]:
+    """Parameters/buffers of ``module_name`` that the traced forward reads directly (e.g.
+    ``self.conv.weight`` in a weight-standardized conv): replacing the module would break them."""
+    prefix = f"{module_name}."
+    return sorted(a for a in pairs.attributes if a.startswith(prefix))

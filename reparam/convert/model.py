@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import AverageBranch, ConvBranch, IdentityBranch, SequentialBranch
-from reparam.convert.graph import find_conv_bn_pairs
+from reparam.convert.graph import find_conv_bn_pairs, reads_attributes_of
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.errors import ConfigError, ConversionError
 from reparam.kernels import fold_batchnorm
@@ -191,7 +191,9 @@ def convert_model(
       Either way block BNs take the original BN's ``eps`` and ``momentum``.
     - ``include``/``exclude``: fnmatch patterns on qualified module names (``"layer1.*"``).
     - Skipped (with the reason in the report): 1x1 and even kernels, non-"zeros"
-      padding_mode, subclasses of nn.Conv2d, name filters, geometries a block rejects.
+      padding_mode, subclasses of nn.Conv2d, name filters, geometries a block rejects, convs
+      whose parameters the traced forward reads directly (``self.conv.weight``).
+    - A frozen conv (``weight.requires_grad=False``) gives a frozen block.
 
     Works on a deep copy unless ``inplace=True``. The :class:`ConversionReport` is attached as
     ``model.reparam_report``; ``return_report=True`` returns ``(model, report)``.
@@ -211,6 +213,9 @@ def convert_model(
         if not isinstance(conv, nn.Conv2d):
             continue
         reason = _skip_reason(name, conv, include_, exclude_)
+        direct = reads_attributes_of(dataflow, name) if reason is None else []
+        if direct:
+            reason = f"the forward reads {', '.join(direct)} directly; a block has no such attribute"
         if reason is not None:
             report.skipped.append(SkippedLayer(name, reason))
             continue
@@ -228,6 +233,8 @@ def convert_model(
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         _initialize(new, conv, bn_module, preserve)
         new.train(conv.training)
+        if not conv.weight.requires_grad:
+            new.requires_grad_(False)
         if bn_module is not None:
             note = ""
         elif not dataflow.traced:
