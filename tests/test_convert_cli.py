@@ -67,11 +67,12 @@ def test_convert_tiny_net(tiny_module, tmp_path, capsys, block, bn):
 
 def test_convert_torchvision_resnet18(tmp_path, capsys):
     rc = main(["convert", "--model", "torchvision:resnet18", "--block", "repvgg", "--bn", "after",
-               "--out", str(tmp_path), "--input-size", "16", "--batch", "1", "--exclude", "layer4.*"])
+               "--out", str(tmp_path), "--input-size", "16", "--batch", "1", "--exclude", "layer4.*", "--float64"])
     assert rc == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]
+    assert summary["dtype"] == "float64" and summary["max_abs_diff_branched_vs_original"] < 1e-12
     assert summary["converted"] == 13 and summary["skipped"] == 7
-    assert summary["max_rel_diff_fused_vs_branched"] < 1e-4
+    assert summary["max_rel_diff_fused_vs_branched"] < 1e-12
     assert "layer4.1.conv2" in (tmp_path / "report.md").read_text()
 
 

@@ -30,6 +30,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--in-channels", type=int, default=None, help="probe channels (default: the first conv's)")
     parser.add_argument("--batch", type=int, default=2, help="probe batch size (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe (default: 0)")
+    parser.add_argument("--float64", action="store_true",
+                        help="measure the output differences in float64 (default: the model's float32)")
     parser.add_argument("--fresh", action="store_true",
                         help="fresh block initialization (preserve=False) instead of preserving the function")
     parser.set_defaults(handler=run)
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         original = load_model(args.model).eval()
+        if args.float64:
+            original = original.double()
         model, report = convert_model(
             original, args.block, args.bn, include=args.include, exclude=args.exclude,
             preserve=not args.fresh, return_report=True,
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         generator = torch.Generator().manual_seed(args.seed)
         channels = args.in_channels or first_conv_channels(original)
         probe = torch.randn(args.batch, channels, args.input_size, args.input_size, generator=generator)
+        probe = probe.to(next(original.parameters()).dtype)
         try:
             with torch.no_grad():
                 reference = original(probe)

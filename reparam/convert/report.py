@@ -67,8 +67,9 @@ class ConversionReport:
                 "channels": f"{row.in_channels}->{row.out_channels}", "branches": "+".join(row.branches),
                 "reason": row.note,
             })
+        keys = list(out[0]) if out else ["layer", "status", "reason"]
         for row in self.skipped:
-            out.append({"layer": row.name, "status": "skipped", "reason": row.reason})
+            out.append({**{k: "" for k in keys}, "layer": row.name, "status": "skipped", "reason": row.reason})
         return out
 
     def __str__(self) -> str:
