@@ -178,10 +178,12 @@ def test_adaptive_with_coupled_weight_decay_diverges(drawn, optimizer, steps):
     # divergence floor for a few steps; it is covered by the grad-mode control above.
     optimizer=strongly_adaptive(names=("Adam", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop"),
                                 coupled_weight_decay=True),
-    steps=steps_st,
+    steps=st.integers(6, 8),
 )
 def test_adaptive_with_coupled_weight_decay_diverges_in_update_mode(drawn, optimizer, steps):
-    """Update mode alone would be exact; the coupled L2 term inside the adaptive step is not."""
+    """Update mode alone would be exact; the coupled L2 term inside the adaptive step is not.
+    The first step of the Adam family is ``lr * sign(g + wd theta_n)``, the same for every
+    branch unless the decay flips a sign, so the mismatch needs a few steps to show."""
     factory, _ = drawn
     assert_not_exact(run(factory, optimizer, steps, mode="update"), "diverges")
 
