@@ -3,6 +3,7 @@
 Variants (one table row each):
 
 - ``plain``: the unmodified model, SGD with momentum.
+- ``plain-adamw``: the unmodified model, AdamW: the reference for ``sgs-update``.
 - ``sgs-grad``: the model converted to ACB blocks with ``bn="after"`` and turned back into
   plain convs by :func:`reparam.convert.to_sgs`; the masks ``G`` (and constant kernels) are
   applied by :func:`reparam.sgs.attach_sgs` in ``mode="grad"`` under SGD with momentum.
@@ -14,8 +15,8 @@ Variants (one table row each):
 - ``<block>-merged``: the same blocks in ``mode="merged"`` (one conv per step on the
   differentiably merged kernel).
 
-Every variant except ``sgs-update`` uses SGD(lr=0.01, momentum=0.9, weight_decay=5e-4);
-``sgs-update`` uses AdamW(lr=1e-3, weight_decay=5e-4). Hyper-parameters do not change cost.
+Every variant except ``plain-adamw`` and ``sgs-update`` uses SGD(lr=0.01, momentum=0.9,
+weight_decay=5e-4); those two use AdamW(lr=1e-3, weight_decay=5e-4). Hyper-parameters do not change cost.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ BLOCK_NAMES = ("acb", "repvgg", "dbb")
 SGS_VARIANTS = ("sgs-grad", "sgs-update")
 VARIANTS: tuple[str, ...] = (
     "plain",
+    "plain-adamw",
     *SGS_VARIANTS,
     *BLOCK_NAMES,
     *(f"{b}-after" for b in BLOCK_NAMES),
@@ -56,6 +58,8 @@ def parse_variant(name: str) -> tuple[str, str | None, str | None]:
     """``name -> (kind, block, bn/mode)`` where kind is plain, sgs or block."""
     if name == "plain":
         return "plain", None, None
+    if name == "plain-adamw":
+        return "plain", None, "adamw"
     if name in SGS_VARIANTS:
         return "sgs", SGS_SOURCE_BLOCK, name.split("-", 1)[1]
     block, _, suffix = name.partition("-")
@@ -160,7 +164,7 @@ def build_variant(
         model = model.to(memory_format=torch.channels_last)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "sgs" and option == "update":
+    if option in ("update", "adamw"):
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY)
     else:
         optimizer = torch.optim.SGD(params, lr=LR_SGD, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

@@ -37,10 +37,11 @@ def test_smoke_all_variants(tmp_path):
     assert plain["time_ratio"] == pytest.approx(1.0) and plain["params_ratio"] == pytest.approx(1.0)
     assert table["time_ratio"].notna().all() and table["cpu_time_ratio"].notna().all()
     assert (table["cpu_median_ms"] > 0).all()
+    assert table.set_index("variant").loc["plain-adamw", "params_ratio"] == pytest.approx(1.0)
     sgs = table[table["variant"].str.startswith("sgs")]
     assert (sgs["masked_params"] > 0).all()
     assert (sgs["blocks"] > 0).all()
-    blocks = table[~table["variant"].isin(["plain", "sgs-grad", "sgs-update"])]
+    blocks = table[~table["variant"].isin(["plain", "plain-adamw", "sgs-grad", "sgs-update"])]
     assert (blocks["blocks"] > 0).all() and (blocks["params_ratio"] > 1).all()
     # update mode keeps a snapshot of the masked weights: more SGS state than grad mode
     state = dict(zip(sgs["variant"], sgs["sgs_state_mb"]))
@@ -121,6 +122,7 @@ def test_ratios_are_per_model_and_size():
 
 def test_variant_names_and_options():
     assert parse_variant("plain") == ("plain", None, None)
+    assert parse_variant("plain-adamw") == ("plain", None, "adamw")
     assert parse_variant("sgs-update") == ("sgs", "acb", "update")
     assert parse_variant("dbb-merged") == ("block", "dbb", "merged")
     assert parse_variant("repvgg") == ("block", "repvgg", "branch")
