@@ -24,7 +24,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 DEFAULT_MODELS = ("vgg16_bn", "resnet18")
 DEFAULT_SIZES = ((32, 128), (224, 64))  # CIFAR and ImageNet: (image size, batch size)
-QUICK = {"models": ("resnet18",), "sizes": ((32, 16),), "steps": 5, "warmup": 2}
+QUICK = {"models": ("resnet18",), "sizes": ((32, 16),), "steps": 5, "warmup": 2, "row_timeout": 120.0}
 
 
 @dataclass

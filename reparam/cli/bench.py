@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default: 10)")
     parser.add_argument("--quick", action="store_true",
-                        help="resnet18 at 32px batch 16, 2 warm-up + 5 steps (explicit options override)")
+                        help="resnet18 at 32px batch 16, 2 warm-up + 5 steps, 120 s row timeout (explicit options override)")
     parser.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
                         help="one subprocess per row: auto = on CPU (separate peak RSS), always, never")
     parser.add_argument("--row-timeout", type=float, default=None, metavar="S",
@@ -92,7 +92,8 @@ def options_from_args(args: argparse.Namespace):
         models=models, sizes=list(zip(sizes_px, batches)), variants=args.variants or ["all"],
         device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark, tf32=args.tf32, compile=args.compile, steps=steps,
-        warmup=warmup, isolate=args.isolate, row_timeout=args.row_timeout, threads=args.threads, out=args.out, progress=not args.no_progress,
+        warmup=warmup, isolate=args.isolate,
+        row_timeout=args.row_timeout if args.row_timeout is not None else (QUICK["row_timeout"] if args.quick else None), threads=args.threads, out=args.out, progress=not args.no_progress,
     )
 
 
