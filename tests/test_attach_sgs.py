@@ -114,6 +114,22 @@ def test_grad_mode_constant_kernel_weight_decay(maximize):
     torch.testing.assert_close(conv.weight.detach(), expected, rtol=0, atol=1e-15)
 
 
+def test_grad_mode_decoupled_decay_pulls_toward_c():
+    """Decoupled decay in grad mode (RAdam's linear warm-up) decays ``W - C``, not ``W``:
+    with a zero gradient the first RAdam step is pure decay, ``W <- C + (1 - lr wd)(W - C)``."""
+    conv = make_conv(cin=4, cout=4)
+    lr, wd = 0.1, 0.2
+    c = reparam.RepVGGBlock(4, 4, 3, bn="none").constant_kernel().double()
+    opt = torch.optim.RAdam([conv.weight], lr=lr, weight_decay=wd, decoupled_weight_decay=True)
+    with pytest.warns(NotEquivalentWarning):  # grad mode is exact only for RAdam's warm-up
+        attach_sgs(opt, {conv.weight: G}, mode="grad", strict=False, constant_kernels={conv.weight: c})
+    before = conv.weight.detach().clone()
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    opt.step()
+    expected = c + (1 - lr * wd) * (before - c)
+    torch.testing.assert_close(conv.weight.detach(), expected, rtol=0, atol=1e-15)
+
+
 def test_remove_restores_plain_behaviour():
     conv = make_conv()
     twin = copy.deepcopy(conv)

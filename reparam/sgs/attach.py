@@ -40,7 +40,10 @@ class SGSHandle:
         self.mode = mode
         self._buckets = buckets
         if mode == "grad":
-            self._hooks = [optimizer.register_step_pre_hook(self._scale_gradients)]
+            self._hooks = [
+                optimizer.register_step_pre_hook(self._scale_gradients),
+                optimizer.register_step_post_hook(self._decay_toward_constants),
+            ]
         else:
             for bucket in buckets:
                 bucket.snapshots = [torch.empty_like(p) for p in bucket.params]
@@ -68,14 +71,15 @@ class SGSHandle:
     # -- grad mode -----------------------------------------------------------------------
     def _scale_gradients(self, optimizer, args, kwargs) -> None:
         for bucket in self._buckets:
-            idx = [i for i, p in enumerate(bucket.params) if p.grad is not None and i not in bucket.preconditioners]
+            bucket.active = [i for i, p in enumerate(bucket.params) if p.grad is not None]
+            idx = [i for i in bucket.active if i not in bucket.preconditioners]
             if idx:
                 torch._foreach_mul_([bucket.params[i].grad for i in idx], [bucket.masks[i] for i in idx])
             for i, precond in bucket.preconditioners.items():
                 if bucket.params[i].grad is not None:
                     precond.apply_(bucket.params[i].grad)
             wd = coupled_decay(optimizer, bucket.group)
-            with_c = [i for i in bucket.constants if bucket.params[i].grad is not None]
+            with_c = [i for i in bucket.active if i in bucket.constants]
             if wd and with_c:
                 # d = G g + wd W must equal G g + wd (W - C): shift the gradient by -wd C
                 # (+wd C when the optimizer negates the gradient for maximize).
@@ -83,6 +87,17 @@ class SGSHandle:
                 torch._foreach_add_(
                     [bucket.params[i].grad for i in with_c], [bucket.constants[i] for i in with_c], alpha=sign * wd
                 )
+
+    @torch.no_grad()
+    def _decay_toward_constants(self, optimizer, args=None, kwargs=None) -> None:
+        """Decoupled decay ``W <- (1 - lr wd) W`` pulls the merged kernel toward 0, while each
+        branch decays only its own parameters, i.e. ``W - C`` toward 0: add back ``lr wd C``."""
+        for bucket in self._buckets:
+            wd = decoupled_decay(optimizer, bucket.group)
+            with_c = [i for i in bucket.active if i in bucket.constants]
+            if wd and with_c:
+                lr = float(bucket.group["lr"])
+                torch._foreach_add_([bucket.params[i] for i in with_c], [bucket.constants[i] for i in with_c], alpha=lr * wd)
 
     # -- update mode ---------------------------------------------------------------------
     def _snapshot(self, optimizer, args, kwargs) -> None:
@@ -106,9 +121,7 @@ class SGSHandle:
             torch._foreach_sub_(params, before)  # the optimizer's step
             torch._foreach_mul_(params, [bucket.masks[i] for i in idx])
             torch._foreach_add_(params, before)
-            with_c = [i for i in idx if i in bucket.constants]
-            if wd and with_c:  # branches decay toward 0, so W decays toward C
-                torch._foreach_add_([bucket.params[i] for i in with_c], [bucket.constants[i] for i in with_c], alpha=lr * wd)
+        self._decay_toward_constants(optimizer)
 
 
 def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:

@@ -94,12 +94,13 @@ def inexact_reasons_for_steps(
     optimizer: torch.optim.Optimizer, groups: list[dict], steps: int, nondiagonal: bool = False
 ) -> dict[str, str | None]:
     """:func:`inexact_reasons` for a trajectory of ``steps`` steps: RAdam before its first
-    rectified step is SGD-like (linear), so ``"grad"`` is exact there."""
+    rectified step is SGD-like (bias-corrected momentum of ``d = g + wd W``, linear in ``d``),
+    so ``"grad"`` is exact there, with coupled decay (``G g + wd (W - C)``, as for SGD) and with
+    decoupled decay (applied unscaled and pulled toward ``C`` by the grad-mode hooks)."""
     reasons = inexact_reasons(optimizer, groups, nondiagonal)
     if (
         isinstance(optimizer, torch.optim.RAdam)
         and reasons["grad"] is not None
-        and not any(coupled_decay(optimizer, g) for g in groups)
         and steps < min(radam_first_rectified_step(g["betas"][1]) for g in groups)
     ):
         reasons["grad"] = None
