@@ -36,3 +36,32 @@ def test_pgt_cli_rejects_bad_alpha(capsys):
     assert main(["pgt", "--alpha", "1.5"]) != 0
     assert "alpha" in capsys.readouterr().err
     assert main(["pgt", "--probs", "1", "-1"]) != 0
+
+
+def _rows(text: str) -> set[float]:
+    return {float(line.split()[0]) for line in text.splitlines() if line.strip()[:1].isdigit()}
+
+
+def test_pgt_cli_single_alpha_is_shown_with_reference_alphas(tmp_path, capsys, monkeypatch):
+    """Like the paper's Figure 2: a single --alpha is drawn next to 1, 0.5 and 0, in colours
+    visible on white; several alphas are shown as given (plus alpha = 1)."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+
+    from reparam.cli import pgt as pgt_cli
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: figures.append(fig))
+    assert main(["pgt", "--alpha", "0.25", "--plot", str(tmp_path / "one.png")]) == 0
+    assert _rows(capsys.readouterr().out) == {1.0, 0.5, 0.25, 0.0}
+    labels = [line.get_label() for line in figures[0].axes[1].get_lines() if line.get_label().startswith("α")]
+    assert len(labels) == 4 and "α = 0.25" in labels
+    for line in figures[0].axes[0].get_lines():
+        if line.get_label().startswith("α"):
+            r, g, b = mcolors.to_rgb(line.get_color())
+            assert 0.299 * r + 0.587 * g + 0.114 * b < 0.75, line.get_color()  # not too light on white
+    assert set(pgt_cli.REFERENCE_ALPHAS) == {1.0, 0.5, 0.0}
+    assert main(["pgt", "--alpha", "0.3", "0.05"]) == 0
+    assert _rows(capsys.readouterr().out) == {1.0, 0.3, 0.05}
+    for fig in figures:
+        close(fig)

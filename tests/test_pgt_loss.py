@@ -78,7 +78,23 @@ def test_alpha_one_reproduces_cross_entropy(reduction, smoothing, weighted, kind
     assert torch.equal(loss, ref), "forward must be exactly F.cross_entropy"
     g, g_ref = _grad(loss, z), _grad(ref, z)
     assert g.dtype == F64 and g.shape == z.shape
-    assert (g - g_ref).abs().max().item() <= 1e-12
+    assert torch.equal(g, g_ref), "alpha = 1 must be the ordinary gradient bit for bit"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"weight": True}, {"reduction": "sum"}])
+def test_alpha_one_is_bitwise_cross_entropy(dtype, kw):
+    """Was a few ulp off (closed form instead of F.cross_entropy's own backward)."""
+    gen = torch.Generator().manual_seed(5)
+    z = (3 * torch.randn(64, 10, generator=gen, dtype=dtype)).requires_grad_()
+    y = torch.randint(0, 10, (64,), generator=gen)
+    if kw.get("weight"):
+        kw = {"weight": torch.rand(10, generator=gen, dtype=dtype) + 0.5}
+    (g,) = torch.autograd.grad(power_grad_cross_entropy(z, y, 1.0, **kw), z)
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(z, y, **kw), z)
+    assert torch.equal(g, g_ref)
+    (g_mod,) = torch.autograd.grad(PowerGradCrossEntropy(1.0, **{k: v for k, v in kw.items()})(z, y), z)
+    assert torch.equal(g_mod, g_ref)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.05, 0.25, 0.6])
@@ -95,6 +111,76 @@ def test_pgt_gradient_is_surrogate_gradient(alpha, reduction, smoothing, weighte
     if alpha < 1 and kind == "hard":
         g_plain = _grad(F.cross_entropy(z, target, **kw), z)
         assert (g - g_plain).abs().max().item() > 1e-3, "PGT must actually change the gradient"
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3, 0.7])
+@pytest.mark.parametrize("reduction,smoothing,weighted,kind,shape", OPTIONS[::7])
+def test_double_backward_equals_surrogate(alpha, reduction, smoothing, weighted, kind, shape):
+    """create_graph=True: Hessian-vector products, and derivatives with respect to the incoming
+    gradient, equal the surrogate's (was a graph-less gradient: @once_differentiable)."""
+    z, target, kw = _case(reduction, smoothing, weighted, kind, shape)
+    gen = torch.Generator().manual_seed(6)
+    v = torch.randn(z.shape, generator=gen, dtype=F64)
+    results = []
+    for loss_fn in (lambda x: power_grad_cross_entropy(x, target, alpha, **kw),
+                    lambda x: F.cross_entropy(alpha * x, target, **kw) / alpha):
+        loss = loss_fn(z)
+        up = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=F64) + 0.5).requires_grad_()
+        (g,) = torch.autograd.grad(loss, z, up, create_graph=True)
+        assert g.requires_grad
+        hv, dup = torch.autograd.grad((g * v).sum(), (z, up))
+        results.append((g.detach(), hv, dup))
+    (g, hv, dup), (g_ref, hv_ref, dup_ref) = results
+    assert (g - g_ref).abs().max().item() <= 1e-12
+    assert (hv - hv_ref).abs().max().item() <= 1e-12 and hv_ref.abs().max() > 0
+    assert (dup - dup_ref).abs().max().item() <= 1e-12
+
+
+def test_double_backward_alpha_zero_is_the_limit():
+    """At alpha = 0 the gradient is constant in z: its derivative is 0 (the limit of alpha J)."""
+    z = _inputs()
+    y = _hard_target((N,), ignore=True)
+    (g,) = torch.autograd.grad(power_grad_cross_entropy(z, y, 0.0), z, create_graph=True)
+    (h,) = torch.autograd.grad((g * torch.randn_like(g)).sum(), z, allow_unused=True)
+    assert h is None or torch.equal(h, torch.zeros_like(h))
+
+
+def test_gradient_penalty_training_matches_surrogate():
+    """An input-gradient penalty through the loss (double backward into the parameters)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, C)).double()
+    x = torch.randn(10, 6, dtype=F64, requires_grad=True)
+    y = torch.randint(0, C, (10,))
+    grads = []
+    for loss_fn in (lambda z: power_grad_cross_entropy(z, y, 0.3), lambda z: F.cross_entropy(0.3 * z, y) / 0.3):
+        net.zero_grad()
+        loss = loss_fn(net(x))
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        (loss + gx.pow(2).sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-13
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_alpha_zero_with_masked_logits(reduction):
+    """-inf (masked) logits at alpha = 0: the alpha -> 0+ limit, uniform over the finite classes
+    minus q, 0 on masked ones (was 0 * -inf = NaN); the logits form agrees."""
+    z = _inputs((4, C)).detach()
+    z[:, 3] = -math.inf
+    z[1, 0] = -math.inf
+    z.requires_grad_()
+    y = torch.tensor([0, 1, 2, 4])
+    (g,) = torch.autograd.grad(power_grad_cross_entropy(z, y, 0.0, reduction=reduction).sum(), z)
+    finite = torch.isfinite(z.detach()).to(F64)
+    expected = finite / finite.sum(1, keepdim=True) - F.one_hot(y, C).to(F64)
+    if reduction == "mean":
+        expected = expected / 4
+    assert torch.equal(g, expected)
+    (g_tiny,) = torch.autograd.grad(power_grad_cross_entropy(z, y, 1e-9, reduction=reduction).sum(), z)
+    assert (g - g_tiny).abs().max().item() <= 1e-8  # continuous at alpha = 0
+    zz = z.detach().clone().requires_grad_()
+    F.cross_entropy(power_grad_logits(zz, 0.0), y, reduction=reduction).sum().backward()
+    assert torch.allclose(zz.grad, expected, rtol=0, atol=1e-15)
 
 
 def test_explicit_formula_hard_targets():
@@ -186,7 +272,9 @@ def test_float32_inputs_stay_float32():
     assert g.dtype == torch.float32
 
 
-@pytest.mark.parametrize("alpha", [-0.1, 1.0001, 2, float("nan"), float("inf"), True, "x"])
+@pytest.mark.parametrize(
+    "alpha", [-0.1, 1.0001, 2, float("nan"), float("inf"), True, "x", "0.5", None, [0.5], torch.tensor([0.1, 0.2])]
+)
 def test_bad_alpha_rejected(alpha):
     z = _inputs()
     y = _hard_target((N,), ignore=False)
@@ -196,6 +284,22 @@ def test_bad_alpha_rejected(alpha):
         PowerGradCrossEntropy(alpha)
     with pytest.raises(ValueError, match="alpha"):
         power_grad_logits(z, alpha)
+
+
+def test_alpha_tensor_requiring_grad_rejected():
+    """alpha would silently get no gradient: rejected with a clear message."""
+    z = _inputs()
+    y = _hard_target((N,), ignore=False)
+    a = torch.tensor(0.3, requires_grad=True)
+    for call in (lambda: power_grad_cross_entropy(z, y, a), lambda: PowerGradCrossEntropy(a),
+                 lambda: power_grad_logits(z, a), lambda: PowerGradLogits(a)):
+        with pytest.raises(ValueError, match="requires grad"):
+            call()
+    # accepted: plain reals, NumPy scalars, one-element tensors without grad
+    import numpy as np
+
+    for ok in (0.3, 1, np.float32(0.3), torch.tensor(0.3), torch.tensor([0.3])):
+        assert PowerGradCrossEntropy(ok).alpha == pytest.approx(0.3 if ok != 1 else 1.0)
 
 
 def test_bad_loss_arguments_rejected():
@@ -338,6 +442,21 @@ def test_agc_clips_unitwise():
     assert torch.equal(conv.weight.grad[0], g_before[0])
     bias_limit = 0.01 * max(conv.bias.detach().norm().item(), 1e-3)
     assert abs(conv.bias.grad.norm().item() - min(bias_limit, b_grad_before.norm().item())) <= 1e-6
+
+
+def test_agc_float64_norms_in_float64():
+    """Was computed in float32 for float64 parameters (clipped norm off by ~1e-8)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 5, dtype=F64))
+    p.grad = torch.randn(4, 5, dtype=F64)
+    adaptive_grad_clip_([p], clip_factor=0.01)
+    assert p.grad.dtype == F64
+    ratio = p.grad.norm(dim=1) / (0.01 * p.detach().norm(dim=1))
+    assert (ratio - 1).abs().max().item() <= 1e-14
+    h = torch.nn.Parameter(torch.randn(4, 5).half())  # half: still computed in float32
+    h.grad = torch.randn(4, 5).half()
+    adaptive_grad_clip_([h], clip_factor=0.01)
+    assert h.grad.dtype == torch.float16 and torch.isfinite(h.grad).all()
 
 
 def test_agc_eps_floor_and_validation():

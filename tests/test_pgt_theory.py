@@ -19,11 +19,14 @@ from reparam.pgt import (
 from verification.pgt.strategies import alpha_pairs, alphas, distributions, distributions_with_label, open_alphas
 
 MARGIN = 1e-6  # entries this close (relatively) to the threshold are not classified
+TINY = torch.finfo(torch.float64).tiny  # below this (subnormals) only ~1 ulp of 5e-324 is resolvable
+ETA = 4 * TINY * torch.finfo(torch.float64).eps  # a few subnormal ulps: absolute slack
 
 
 def _direct_threshold(p: torch.Tensor, alpha: float) -> float:
-    """Textbook evaluation of (sum p**alpha)**(1/(alpha-1)), valid away from alpha = 1."""
-    return float(torch.sum(p**alpha) ** (1.0 / (alpha - 1.0)))
+    """Textbook evaluation of (sum over the support of p**alpha)**(1/(alpha-1)), valid away
+    from alpha = 1."""
+    return float(torch.sum(p[p > 0] ** alpha) ** (1.0 / (alpha - 1.0)))
 
 
 def _entropy(p: torch.Tensor) -> float:
@@ -57,12 +60,17 @@ def test_transform_is_a_distribution_equal_to_softmax_of_scaled_logits(p, alpha)
 
 @given(distributions(), open_alphas())
 def test_lemma1_grows_iff_below_threshold(p, alpha):
+    """Strictly, for entries resolvable in float64; zeros stay zero (0**alpha = 0)."""
     t = float(stationary_threshold(p, alpha))
     q = power_transform(p, alpha)
     for pi, qi in zip(p.tolist(), q.tolist()):
-        if abs(pi - t) <= MARGIN * t:
+        if pi == 0.0:
+            assert qi == 0.0
+        elif pi < TINY:  # subnormal: only the non-strict inequality is representable
+            assert qi >= pi - ETA
+        elif abs(pi - t) <= MARGIN * t:
             continue
-        if pi < t:
+        elif pi < t:
             assert qi > pi
         else:
             assert qi < pi
@@ -75,7 +83,7 @@ def test_transformed_value_lies_between_p_and_threshold(p, alpha):
     tol = 1e-12
     lo = torch.minimum(p, torch.tensor(t, dtype=p.dtype))
     hi = torch.maximum(p, torch.tensor(t, dtype=p.dtype))
-    assert bool((q >= lo * (1 - tol)).all()) and bool((q <= hi * (1 + tol)).all())
+    assert bool((q >= lo * (1 - tol) - ETA).all()) and bool((q <= hi * (1 + tol) + ETA).all())
 
 
 @given(distributions(), alphas())
@@ -85,10 +93,16 @@ def test_threshold_lies_within_the_distribution_range(p, alpha):
 
 
 @given(distributions())
-def test_proposition1_alpha_zero_is_uniform(p):
-    c = p.shape[0]
-    assert torch.allclose(power_transform(p, 0.0), torch.full((c,), 1.0 / c, dtype=p.dtype), rtol=1e-14, atol=0)
-    assert math.isclose(float(stationary_threshold(p, 0.0)), 1.0 / c, rel_tol=1e-12)
+def test_proposition1_alpha_zero_is_uniform_over_the_support(p):
+    """alpha -> 0+: uniform over {p_i > 0} (1/C without zeros), threshold 1/|support|."""
+    support = p > 0
+    k = int(support.sum())
+    expected = support.to(p.dtype) / k
+    assert torch.allclose(power_transform(p, 0.0), expected, rtol=1e-14, atol=0)
+    assert math.isclose(float(stationary_threshold(p, 0.0)), 1.0 / k, rel_tol=1e-12)
+    # continuity: alpha = 1e-12 is already (numerically) the limit
+    assert torch.allclose(power_transform(p, 1e-12), expected, rtol=1e-8, atol=0)
+    assert math.isclose(float(stationary_threshold(p, 1e-12)), 1.0 / k, rel_tol=1e-8)
 
 
 @given(distributions(), alpha_pairs())
@@ -109,8 +123,8 @@ def test_transform_preserves_order(p, alpha):
     order = torch.argsort(p)
     sp, sq = p[order], q[order]
     assert bool((sq[1:] >= sq[:-1] * (1 - 1e-12)).all())
-    if alpha >= 1e-3:  # strictly increasing where p is (clearly) strictly increasing
-        strict = sp[1:] > sp[:-1] * (1 + 1e-9)
+    if alpha >= 1e-3:  # strictly increasing where p is (clearly, and resolvably) increasing
+        strict = (sp[1:] > sp[:-1] * (1 + 1e-9)) & (sp[:-1] >= TINY)
         assert bool((sq[1:][strict] > sq[:-1][strict]).all())
 
 
@@ -127,12 +141,16 @@ def test_section_4_2_gradient_cases(p_y, alpha):
     q = F.one_hot(torch.tensor(y), p.shape[0]).to(p.dtype)
     g_old = (p - q).abs()
     g_new = pgt_logit_gradient(p, q, alpha).abs()
+    p_new = power_transform(p, alpha)
     for i in range(p.shape[0]):
         pi = float(p[i])
+        if pi < TINY:  # zeros stay zero, subnormals are not resolvable: non-strict only
+            assert g_new[i] >= min(g_old[i], abs(t - float(q[i]))) - ETA
+            continue
         if abs(pi - t) <= MARGIN * t:
             continue
-        if i == y:
-            assert (g_new[i] < g_old[i]) if pi < t else (g_new[i] > g_old[i])
+        if i == y:  # |p'_y - 1| < |p_y - 1|  <=>  p'_y > p_y (resolvable in float near 1)
+            assert (p_new[i] > p[i]) if pi < t else (p_new[i] < p[i])
         else:
             assert (g_new[i] < g_old[i]) if pi > t else (g_new[i] > g_old[i])
 
@@ -178,9 +196,46 @@ def test_theory_rejects_bad_distributions():
 def test_zero_probabilities():
     p = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
     assert float(power_transform(p, 0.5)[2]) == 0.0
-    assert torch.allclose(power_transform(p, 0.0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # alpha = 0 is the limit alpha -> 0+: the zero class stays 0, uniform over the support
+    assert torch.equal(power_transform(p, 0.0), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
     assert math.isclose(float(stationary_threshold(p, 0.5)), (0.6**0.5 + 0.4**0.5) ** -2, rel_tol=1e-12)
-    assert math.isclose(float(stationary_threshold(p, 0.0)), 1 / 3, rel_tol=1e-12)
+    assert math.isclose(float(stationary_threshold(p, 0.0)), 1 / 2, rel_tol=1e-12)
+
+
+def test_alpha_zero_consistent_with_the_loss_on_masked_logits():
+    """power_transform(softmax(z), 0) == the loss's alpha = 0 prediction on masked logits."""
+    z = torch.tensor([[0.3, -1.0, -math.inf, 2.0]], dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(power_grad_cross_entropy(z, torch.tensor([0]), 0.0, reduction="sum"), z)
+    q = F.one_hot(torch.tensor([0]), 4).to(torch.float64)
+    expected = pgt_logit_gradient(torch.softmax(z.detach(), dim=1), q, 0.0)
+    assert torch.equal(g, expected) and float(g[0, 2]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("alpha", [0.0, 1e-12, 1e-6, 0.01, 0.3, 0.999999, 1.0])
+def test_threshold_robust_to_zeros_subnormals_and_peaks(dtype, alpha):
+    """Was 0 instead of ~1/C at small alpha for a subnormal entry (expm1 overflow)."""
+    sub = torch.finfo(dtype).tiny / 8  # a subnormal of this dtype
+    cases = [
+        torch.tensor([1.0, sub, 0.0], dtype=dtype),
+        torch.tensor([1.0 - 1e-7, 1e-7, sub], dtype=dtype),
+        torch.softmax(torch.tensor([0.0, -700.0, -740.0, -800.0], dtype=torch.float64), 0).to(dtype),
+        torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=dtype),
+    ]
+    for p in cases:
+        t = stationary_threshold(p, alpha)
+        assert t.dtype == dtype and math.isfinite(float(t))
+        pos = (p[p > 0].double() / p.double().sum()).tolist()
+        if alpha <= 0.99:  # the definition, in float64 (no overflow for these inputs)
+            ref = sum(math.exp(alpha * math.log(v)) for v in pos) ** (1.0 / (alpha - 1.0))
+            assert math.isclose(float(t), ref, rel_tol=1e-6 if dtype == torch.float32 else 1e-12)
+        else:  # the definition cancels near alpha = 1: compare with the limit exp(-H)
+            ref = math.exp(sum(v * math.log(v) for v in pos))
+            assert math.isclose(float(t), ref, rel_tol=1e-5)
+        pn, q = p.double() / p.double().sum(), F.one_hot(torch.tensor(0), p.numel()).double()
+        lower, upper = logit_gradient_bounds(pn, q, alpha)
+        g = pgt_logit_gradient(pn, q, alpha).abs()
+        assert bool((g >= lower - 1e-12).all()) and bool((g <= upper + 1e-12).all())
 
 
 @given(st.integers(2, 30))

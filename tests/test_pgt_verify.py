@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from verification.pgt import CURVE_COLUMNS, SUMMARY_COLUMNS, reference_reconstruct_from_grad_hook, run_pgt_section
+from verification.pgt.suite import QUICK_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,8 @@ def test_exact_cases_are_exact_and_negatives_clearly_diverge(full):
     assert (exact["max_rel_dev"] <= 1e-10).all()
     negatives = summary[summary["expected"] == "diverges"]
     assert {"neg-pgt-a0.25-vs-ce", "neg-reference-hook-S1", "neg-reference-hook-S4B2"} <= set(negatives["case"])
+    # double backward (gradient penalty) and explicit scale with ignored rows are exact
+    assert {"loss-gradpenalty-a0.3", "logits-explicit-ignore-a0.3"} <= set(exact["case"])
     assert ((negatives["max_rel_dev"] > 1e-6) | ~negatives["max_rel_dev"].map(math.isfinite)).all()
     # the reference hook is right exactly at loss scale B**2 and NaN above it
     sanity = summary.set_index("case").loc["sanity-reference-hook-SB2"]
@@ -59,7 +62,40 @@ def test_section_runtime(full):
     summary, curves = run_pgt_section(quick=True)
     assert time.process_time() - start <= 3.0
     assert summary["match"].all()
-    assert curves["step"].max() == 5
+    assert curves["step"].max() == QUICK_STEPS == 8  # what `reparam verify --quick` promises
+
+
+def test_verify_cli_quick_help_matches_the_section():
+    """`reparam verify --quick` says "8 steps per case"; the PGT section used to run 5."""
+    import argparse
+
+    from reparam.cli import verify as verify_cli
+
+    parser = argparse.ArgumentParser()
+    verify_cli.register(parser.add_subparsers())
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["verify"]
+    quick = next(a for a in sub._actions if "--quick" in a.option_strings)
+    assert f"{QUICK_STEPS} steps" in quick.help
+
+
+def test_plot_marks_non_finite_deviations_and_names_the_reference(tmp_path, monkeypatch):
+    """The PGT panel's y-label names surrogate training (not "branched"), and the NaN/inf
+    negative control is drawn, clipped at the top of the axis."""
+    import matplotlib.pyplot as plt
+
+    from verification import report
+
+    figures, close = [], plt.close
+    monkeypatch.setattr(report.plt, "close", lambda fig: figures.append(fig))
+    summary, curves = run_pgt_section(steps=3)
+    report.plot_deviation(summary, curves, tmp_path / "verify.png", torch.float64)
+    (ax,) = figures[0].axes
+    assert "surrogate" in ax.get_ylabel() and "branched" not in ax.get_ylabel()
+    markers = [c for c in ax.collections if "non-finite" in str(c.get_label())]
+    assert markers and len(markers[0].get_offsets()) == 3  # neg-reference-hook-S4B2: inf at every step
+    top = ax.get_ylim()[1]
+    assert all(y == top for _, y in markers[0].get_offsets())
+    close(figures[0])
 
 
 def test_float32_section_matches():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,8 @@ from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL  # noqa: E402
 
 SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
 VERDICT_COLOURS = {"exact": "tab:green", "approximate": "tab:orange", "diverges": "tab:red", "inconclusive": "tab:purple"}
+#: what each section's deviation is measured against (y-axis label)
+REFERENCE_TRAINING = {"sgs": "branched training", "pgt": "surrogate training"}
 
 
 def write_tables(summary: pd.DataFrame, out_dir: Path, stem: str = "verify", metadata: dict | None = None) -> list[Path]:
@@ -29,7 +32,8 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, stem: str = "verify", met
 
 def plot_deviation(summary: pd.DataFrame, curves: pd.DataFrame, path: Path, dtype=None) -> Path:
     """One panel per section: relative deviation of each case vs step (log scale), coloured by
-    the verdict theory expects; exact cases hug machine epsilon, negative controls sit far above."""
+    the verdict theory expects; exact cases hug machine epsilon, negative controls sit far above.
+    Non-finite deviations (NaN/inf) are drawn as triangles clipped at the top of the axis."""
     sections = list(dict.fromkeys(summary.section))
     fig, axes = plt.subplots(1, len(sections), figsize=(6.5 * len(sections), 4.5), squeeze=False)
     expected = dict(zip(summary.case, summary.expected))
@@ -37,9 +41,12 @@ def plot_deviation(summary: pd.DataFrame, curves: pd.DataFrame, path: Path, dtyp
         part = curves[curves.section == section]
         if "side" in part:
             part = part[part.side.fillna("sgs") == "sgs"]
+        non_finite = []
         for case, frame in part.groupby("case", sort=False):
-            ax.plot(frame.step, frame.rel_dev.clip(lower=1e-17), color=VERDICT_COLOURS.get(expected.get(case), "grey"),
-                    alpha=0.35, linewidth=0.9)
+            colour = VERDICT_COLOURS.get(expected.get(case), "grey")
+            ax.plot(frame.step, frame.rel_dev.clip(lower=1e-17), color=colour, alpha=0.35, linewidth=0.9)
+            bad = ~frame.rel_dev.map(math.isfinite)
+            non_finite += [(step, colour) for step in frame.step[bad]]
         if dtype is not None:
             ax.axhline(EXACT_TOL[dtype], color="black", linestyle="--", linewidth=0.8, label="exact tolerance")
             ax.axhline(DIVERGENCE_FLOOR[dtype], color="black", linestyle=":", linewidth=0.8, label="divergence floor")
@@ -47,8 +54,14 @@ def plot_deviation(summary: pd.DataFrame, curves: pd.DataFrame, path: Path, dtyp
             if verdict in set(summary[summary.section == section].expected):
                 ax.plot([], [], color=colour, label=f"expected {verdict}")
         ax.set_yscale("log")
+        if non_finite:
+            top = ax.get_ylim()[1]
+            steps, colours = zip(*non_finite)
+            ax.scatter(steps, [top] * len(steps), c=list(colours), marker="^", s=28, clip_on=False, zorder=3,
+                       label="non-finite (NaN/inf), clipped")
+            ax.set_ylim(top=top)
         ax.set_xlabel("step")
-        ax.set_ylabel("max relative deviation from branched training")
+        ax.set_ylabel(f"max relative deviation from {REFERENCE_TRAINING.get(section, 'reference training')}")
         ax.set_title(f"{section}: {len(summary[summary.section == section])} cases")
         ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()

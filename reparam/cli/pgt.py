@@ -5,7 +5,9 @@
 
 Prints, per alpha, the stationary threshold ``(sum p**alpha)**(1/(alpha-1))``, the largest and
 smallest transformed probability and the entropy; ``--plot`` draws the transformed
-distributions unordered and rank-ordered (Agg backend, no display needed).
+distributions unordered and rank-ordered (Agg backend, no display needed).  A single
+``--alpha`` is shown next to the reference values 1, 0.5 and 0 (as in the paper's Figure 2);
+several alphas are shown as given, always with alpha = 1 (the original distribution).
 """
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ import sys
 from typing import Any
 
 DEFAULT_ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
+#: drawn alongside a single requested alpha
+REFERENCE_ALPHAS = (1.0, 0.5, 0.0)
+#: line colours, all clearly visible on white; alpha = 1 is drawn in black
+COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:cyan")
 
 
 def register(subparsers: Any) -> None:
@@ -24,7 +30,8 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--alpha", type=float, nargs="+", default=list(DEFAULT_ALPHAS), metavar="A",
-        help="one or more alphas in [0, 1] (default: %(default)s); alpha=1 is always drawn as reference",
+        help="one or more alphas in [0, 1] (default: %(default)s); a single alpha is shown with the "
+        "references 1, 0.5 and 0, several as given plus alpha=1",
     )
     parser.add_argument("--classes", type=int, default=10, help="number of classes C (default: 10)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random distribution (default: 0)")
@@ -61,11 +68,10 @@ def _plot(p: "Any", curves: dict[float, "Any"], path: str) -> None:
     order = np.argsort(-p.numpy())
     classes = np.arange(1, p.numel() + 1)
     fig, (ax_u, ax_r) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    cmap = plt.get_cmap("viridis")
-    alphas = sorted(curves, reverse=True)
-    for k, alpha in enumerate(alphas):
+    others = iter(COLOURS * (1 + len(curves) // len(COLOURS)))
+    for alpha in sorted(curves, reverse=True):
         values = curves[alpha].numpy()
-        style = {"color": "black", "linewidth": 2.2} if alpha == 1.0 else {"color": cmap(k / max(len(alphas) - 1, 1))}
+        style = {"color": "black", "linewidth": 2.2} if alpha == 1.0 else {"color": next(others)}
         label = f"α = {alpha:g}" + (" (original)" if alpha == 1.0 else "")
         ax_u.plot(classes, values, marker="o", label=label, **style)
         ax_r.plot(classes, values[order], marker="o", label=label, **style)
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"reparam pgt: error: {err}", file=sys.stderr)
         return 2
-    curves = {a: power_transform(p, a) for a in sorted(set(alphas) | {1.0}, reverse=True)}
+    shown = set(alphas) | (set(REFERENCE_ALPHAS) if len(set(alphas)) == 1 else {1.0})
+    curves = {a: power_transform(p, a) for a in sorted(shown, reverse=True)}
     header = f"{'alpha':>6} {'threshold':>10} {'max p':>8} {'min p':>8} {'entropy':>8}"
     print(f"PowerGrad Transform of a distribution over C = {p.numel()} classes (uniform 1/C = {1 / p.numel():.4f})")
     print(header)

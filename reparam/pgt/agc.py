@@ -17,6 +17,8 @@ from typing import Iterable, Union
 import torch
 from torch import Tensor
 
+from ._common import compute_dtype
+
 __all__ = ["adaptive_grad_clip_", "unitwise_norm"]
 
 
@@ -37,6 +39,8 @@ def adaptive_grad_clip_(
     """Clip ``.grad`` of ``parameters`` in place, unit-wise, to
     ``||G_i|| <= clip_factor * max(||W_i||, eps)``.  Parameters without a gradient are skipped.
 
+    Norms and factors are computed in at least float32 (float64 parameters in float64).
+
     Raises ``ValueError`` for a non-positive or non-finite ``clip_factor`` or a negative ``eps``.
     """
     if not (isinstance(clip_factor, (int, float)) and math.isfinite(clip_factor) and clip_factor > 0):
@@ -51,8 +55,9 @@ def adaptive_grad_clip_(
             continue
         if grad.is_sparse:
             raise ValueError("adaptive_grad_clip_ does not support sparse gradients")
-        w_norm = unitwise_norm(param.detach().float()).clamp_min(eps)
-        g_norm = unitwise_norm(grad.float())
+        norm_dtype = compute_dtype(grad.dtype)  # at least float32; float64 stays float64
+        w_norm = unitwise_norm(param.detach().to(norm_dtype)).clamp_min(eps)
+        g_norm = unitwise_norm(grad.to(norm_dtype))
         max_norm = clip_factor * w_norm
         # factor = max_norm / g_norm where the unit is too large, 1 elsewhere (0/0 safe)
         factor = torch.where(

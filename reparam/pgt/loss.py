@@ -23,7 +23,9 @@ The PowerGrad Transform replaces ``p`` by ``p' = p**alpha / sum_j p_j**alpha``. 
 .. math::  \hat g = k \, (r \, \mathrm{softmax}(\alpha z) - u),
 
 which is exactly the gradient of the surrogate ``CE(alpha * z, target) / alpha`` (same weight,
-smoothing, ignore_index and reduction); at ``alpha = 1`` it is the ordinary gradient.
+smoothing, ignore_index and reduction); at ``alpha = 1`` it is the ordinary gradient (and the
+loss then simply is ``F.cross_entropy``); at ``alpha = 0`` ``softmax(alpha * z)`` is replaced by
+its limit ``alpha -> 0+``, the uniform distribution over the classes with a finite logit.
 """
 from __future__ import annotations
 
@@ -32,13 +34,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from ._common import autocast_disabled, check_alpha, compute_dtype
+from ._common import AlphaLike, autocast_disabled, check_alpha, compute_dtype, scaled_softmax
 
 __all__ = ["PowerGradCrossEntropy", "power_grad_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_options(reduction: str, label_smoothing: float) -> None:
+    """Reject an unknown ``reduction`` or a ``label_smoothing`` outside ``[0, 1]``."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -90,8 +99,49 @@ def _target_mass(
     return u, w_y.sum()
 
 
+def _cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> Tensor:
+    """``F.cross_entropy`` evaluated in :func:`compute_dtype` with autocast off (what autocast
+    itself does for cross-entropy); differentiable, the gradient returns in the logits' dtype."""
+    cdtype = compute_dtype(logits.dtype)
+    with autocast_disabled(logits.device.type):
+        return F.cross_entropy(
+            logits.to(cdtype),
+            target.to(cdtype) if target.is_floating_point() else target,
+            weight=weight.to(cdtype) if weight is not None else None,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+
+
+def _reduction_factor(grad_output: Tensor, reduction: str, denominator: Tensor) -> Tensor:
+    """The per-row factor ``k`` (times the incoming gradient) that multiplies ``r p - u``."""
+    if reduction == "none":
+        return grad_output.reshape(-1, 1)
+    if reduction == "sum":
+        return grad_output
+    # mean; F.cross_entropy's gradient is 0 when every row is ignored (denominator 0)
+    nonzero = denominator != 0
+    safe = torch.where(nonzero, denominator, torch.ones_like(denominator))
+    return torch.where(nonzero, grad_output / safe, torch.zeros_like(grad_output))
+
+
 class _PowerGradCrossEntropyFn(torch.autograd.Function):
-    """``forward``: ``F.cross_entropy``; ``backward``: ``k (r softmax(alpha z) - u)``."""
+    """``forward``: ``F.cross_entropy``; ``backward``: ``k (r softmax(alpha z) - u)``.
+
+    The backward is written with differentiable torch ops, so double backward (``create_graph``,
+    gradient penalties, Hessian-vector products) differentiates it: its derivative with respect
+    to ``z`` is ``k r alpha (diag(s) - s s^T)`` with ``s = softmax(alpha z)``, the second
+    derivative of the surrogate ``CE(alpha z, target) / alpha``, and it is linear in the
+    incoming gradient.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -104,51 +154,31 @@ class _PowerGradCrossEntropyFn(torch.autograd.Function):
         reduction: str,
         label_smoothing: float,
     ) -> Tensor:
-        cdtype = compute_dtype(logits.dtype)
-        with autocast_disabled(logits.device.type):
-            z = logits.to(cdtype)
-            tgt = target.to(cdtype) if target.is_floating_point() else target
-            w = weight.to(cdtype) if weight is not None else None
-            loss = F.cross_entropy(
-                z, tgt, weight=w, ignore_index=ignore_index,
-                reduction=reduction, label_smoothing=label_smoothing,
-            )
         ctx.save_for_backward(logits, target, weight)
         ctx.alpha = alpha
         ctx.ignore_index = ignore_index
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        return loss
+        return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         logits, target, weight = ctx.saved_tensors
         cdtype = compute_dtype(logits.dtype)
         with autocast_disabled(logits.device.type):
             z = _rows(logits).to(cdtype)
-            num_classes = z.shape[1]
             u, denominator = _target_mass(
-                target, num_classes, weight, ctx.ignore_index, ctx.label_smoothing, cdtype
+                target, z.shape[1], weight, ctx.ignore_index, ctx.label_smoothing, cdtype
             )
-            r = u.sum(dim=1, keepdim=True)
-            grad = r * torch.softmax(z * ctx.alpha, dim=1) - u
-            go = grad_output.to(cdtype)
-            if ctx.reduction == "none":
-                grad = grad * go.reshape(-1, 1)
-            elif ctx.reduction == "sum":
-                grad = grad * go
-            else:  # mean; F.cross_entropy's gradient is 0 when every row is ignored
-                safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
-                factor = torch.where(denominator != 0, go / safe, torch.zeros_like(go))
-                grad = grad * factor
+            grad = u.sum(dim=1, keepdim=True) * scaled_softmax(z, ctx.alpha, dim=1) - u
+            grad = grad * _reduction_factor(grad_output.to(cdtype), ctx.reduction, denominator)
         return _unrows(grad, logits.shape).to(logits.dtype), None, None, None, None, None, None
 
 
 def power_grad_cross_entropy(
     logits: Tensor,
     target: Tensor,
-    alpha: float,
+    alpha: AlphaLike,
     weight: Optional[Tensor] = None,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -161,7 +191,11 @@ def power_grad_cross_entropy(
     docstring), i.e. the gradient of ``F.cross_entropy(alpha * logits, target, ...) / alpha``
     with the same ``weight``, ``ignore_index``, ``reduction`` and ``label_smoothing``.  The
     incoming ``grad_output`` (e.g. a GradScaler loss scale) multiplies the result, so the
-    transform is correct at any loss scale.
+    transform is correct at any loss scale.  ``alpha = 1`` runs ``F.cross_entropy`` itself, so
+    value and gradient are bit-for-bit the ordinary ones; ``alpha = 0`` uses the limit
+    ``alpha -> 0+`` of ``softmax(alpha * logits)``: uniform over the classes whose logit is
+    finite, 0 on masked (``-inf``) classes.  The backward is differentiable: double backward
+    (``create_graph=True``) gives the second derivatives of the surrogate.
 
     Shapes follow ``F.cross_entropy``: ``logits`` ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``;
     ``target`` class indices (integer) or class probabilities (same shape as ``logits``).
@@ -169,14 +203,12 @@ def power_grad_cross_entropy(
     float32 (as autocast does for cross-entropy) and the gradient in the logits' dtype.
     Targets are treated as constants: a probability target that requires grad is rejected.
 
-    Raises ``ValueError`` for ``alpha`` outside ``[0, 1]``, an unknown ``reduction``, a
-    ``label_smoothing`` outside ``[0, 1]`` or a target that requires grad.
+    Raises ``ValueError`` for an ``alpha`` that is not a real number in ``[0, 1]`` (or is a
+    tensor requiring grad), an unknown ``reduction``, a ``label_smoothing`` outside ``[0, 1]``
+    or a target that requires grad.
     """
     alpha = check_alpha(alpha)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+    _check_options(reduction, label_smoothing)
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if logits.dim() == 0:
@@ -188,6 +220,8 @@ def power_grad_cross_entropy(
         )
     if weight is not None and weight.requires_grad:
         raise ValueError("weight requires grad; class weights are constants here, pass weight.detach()")
+    if alpha == 1.0:  # the ordinary gradient, bit for bit: F.cross_entropy's own backward
+        return _cross_entropy(logits, target, weight, int(ignore_index), reduction, float(label_smoothing))
     return _PowerGradCrossEntropyFn.apply(
         logits, target, alpha, weight, int(ignore_index), reduction, float(label_smoothing)
     )
@@ -206,7 +240,7 @@ class PowerGradCrossEntropy(nn.Module):
 
     def __init__(
         self,
-        alpha: float,
+        alpha: AlphaLike,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
         weight: Optional[Tensor] = None,
@@ -214,10 +248,7 @@ class PowerGradCrossEntropy(nn.Module):
     ) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha)
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        if not 0.0 <= float(label_smoothing) <= 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing!r}")
+        _check_options(reduction, label_smoothing)
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.ignore_index = int(ignore_index)

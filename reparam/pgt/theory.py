@@ -3,9 +3,10 @@ r"""Closed forms of the PowerGrad Transform's analysis (paper §3-§4.2).
 For a distribution ``p`` over ``C`` classes and ``0 <= alpha <= 1``:
 
 * transform (eq. 8):  ``p'_i = p_i**alpha / sum_j p_j**alpha`` (= ``softmax(alpha * z)`` when
-  ``p = softmax(z)``); ``alpha = 0`` gives the uniform distribution (``0**0 = 1``),
-* stationary threshold (Lemma 1):  ``T = (sum_j p_j**alpha) ** (1 / (alpha - 1))`` with the
-  limit ``T = exp(sum_j p_j log p_j) = exp(-H(p))`` at ``alpha = 1``;
+  ``p = softmax(z)``); ``alpha = 0`` gives the limit ``alpha -> 0+``, the uniform distribution
+  over the support ``{i : p_i > 0}`` (zero entries, e.g. masked logits, stay 0),
+* stationary threshold (Lemma 1):  ``T = (sum_j p_j**alpha) ** (1 / (alpha - 1))`` (sum over the
+  support) with the limit ``T = exp(sum_j p_j log p_j) = exp(-H(p))`` at ``alpha = 1``;
   ``p'_i >= p_i`` iff ``p_i <= T``, and ``p'_i`` always lies between ``p_i`` and ``T``,
 * the PGT logit gradient (eq. 9):  ``p' - q``.
 
@@ -13,10 +14,12 @@ All functions work on the last dimension and accept batched tensors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._common import check_alpha
+from ._common import AlphaLike, check_alpha, scaled_softmax
 
 __all__ = [
     "power_transform",
@@ -38,56 +41,61 @@ def _as_probs(p: Tensor) -> Tensor:
     return p
 
 
-def power_transform(p: Tensor, alpha: float) -> Tensor:
+def power_transform(p: Tensor, alpha: AlphaLike) -> Tensor:
     """``p**alpha / sum(p**alpha)`` along the last dimension (eq. 8).
 
     Computed as ``softmax(alpha * log p)`` so tiny probabilities do not underflow; zero
-    entries stay zero for ``alpha > 0``; ``alpha = 0`` returns the uniform distribution ``1/C``
-    (Proposition 1).  ``p`` need not be normalised (the result is).
+    entries stay zero.  ``alpha = 0`` returns the limit ``alpha -> 0+``: the uniform
+    distribution over the support ``{i : p_i > 0}`` (Proposition 1; ``1/C`` when no entry is
+    zero), consistent with the loss at ``alpha = 0`` on masked (``-inf``) logits.  ``p`` need
+    not be normalised (the result is).
     """
     alpha = check_alpha(alpha)
-    p = _as_probs(p)
-    if alpha == 0.0:
-        return torch.full_like(p, 1.0 / p.shape[-1])
-    return torch.softmax(alpha * torch.log(p), dim=-1)
+    return scaled_softmax(torch.log(_as_probs(p)), alpha)
 
 
-def stationary_threshold(p: Tensor, alpha: float) -> Tensor:
-    """Lemma 1's stationary threshold ``(sum_j p_j**alpha) ** (1/(alpha-1))`` of the distribution
-    ``p / sum(p)`` (shape ``(..., C)``; returns shape ``(...)``).
+def stationary_threshold(p: Tensor, alpha: AlphaLike) -> Tensor:
+    r"""Lemma 1's stationary threshold ``T = (sum_j p_j**alpha) ** (1/(alpha-1))`` of the
+    distribution ``p / sum(p)`` (shape ``(..., C)``; returns shape ``(...)``, in ``p``'s dtype).
 
-    With ``s = sum p`` and ``E = sum_j (p_j**alpha - p_j) = sum_j p_j expm1((alpha-1) log p_j)``
-    (non-negative terms, no cancellation), ``sum_j (p_j/s)**alpha = s**-alpha (s + E)``, so
-    ``log T = log1p(E / s) / (alpha - 1) - log s``.  This stays accurate as ``alpha -> 1``,
-    where the textbook form divides rounding noise by ``alpha - 1``; at ``alpha = 1`` the limit
-    ``exp(sum_j p_j log p_j)`` (= ``exp(-entropy)``) is returned.  ``alpha = 0`` counts zero
-    entries as ``0**0 = 1``, giving ``1/C`` (Proposition 1).
+    Sums run over the support ``p_j > 0`` (``0**alpha = 0``, and at ``alpha = 0`` the limit
+    ``alpha -> 0+``, so ``T(p, 0) = 1 / |support|``, matching :func:`power_transform`).  With
+    ``t = 1 - alpha`` and ``x_j = -log p_j >= 0``,
+
+    .. math::  \log T = -\frac{1}{t} \log\Big(1 + \sum_j p_j\,\mathrm{expm1}(t x_j)\Big),
+
+    a sum of non-negative terms.  Each term is taken in the log domain,
+    ``log p_j + t x_j + log(-expm1(-t x_j))``, and combined with ``logsumexp`` and
+    ``logaddexp(0, .)``, so nothing overflows (subnormal ``p_j`` at small ``alpha``), underflows
+    (very peaked ``p``) or cancels (``alpha -> 1``, where the textbook form divides rounding
+    noise by ``alpha - 1``).  At ``alpha = 1`` the limit ``exp(sum_j p_j log p_j) = exp(-H(p))``
+    is returned.  Computed in float64 whatever the input dtype.
     """
     alpha = check_alpha(alpha)
     p = _as_probs(p)
     total = p.sum(dim=-1)
     if bool((total <= 0).any()):
         raise ValueError("p must have a positive sum along the class dimension")
-    positive = p > 0
-    logp = torch.log(torch.where(positive, p, torch.ones_like(p)))
+    x = p.to(torch.float64)
+    support = x > 0
+    logp = torch.log(x) - torch.log(total.to(torch.float64)).unsqueeze(-1)
+    neg_inf = torch.full_like(x, -math.inf)
     if alpha == 1.0:
-        pn = p / total.unsqueeze(-1)
-        logpn = logp - torch.log(total).unsqueeze(-1)
-        return torch.exp(torch.where(positive, pn * logpn, torch.zeros_like(p)).sum(dim=-1))
-    # p_j**alpha - p_j, with 0**alpha = 0 (alpha > 0) or 1 (alpha = 0)
-    zero_term = 1.0 if alpha == 0.0 else 0.0
-    excess = torch.where(
-        positive, p * torch.expm1((alpha - 1.0) * logp), torch.full_like(p, zero_term)
-    ).sum(dim=-1)
-    return torch.exp(torch.log1p(excess / total) / (alpha - 1.0) - torch.log(total))
+        log_t = torch.where(support, torch.exp(logp) * logp, torch.zeros_like(x)).sum(dim=-1)
+    else:
+        t = 1.0 - alpha
+        tx = t * (-logp).clamp_min(0.0)
+        log_terms = torch.where(support, logp + tx + torch.log(-torch.expm1(-tx)), neg_inf)
+        log_t = -torch.logaddexp(torch.zeros_like(total, dtype=torch.float64), torch.logsumexp(log_terms, dim=-1)) / t
+    return torch.exp(log_t).to(p.dtype)
 
 
-def pgt_logit_gradient(p: Tensor, q: Tensor, alpha: float) -> Tensor:
+def pgt_logit_gradient(p: Tensor, q: Tensor, alpha: AlphaLike) -> Tensor:
     """The PGT gradient of cross-entropy w.r.t. the logits, ``p' - q`` (eq. 9)."""
     return power_transform(p, alpha) - torch.as_tensor(q, dtype=p.dtype, device=p.device)
 
 
-def logit_gradient_bounds(p: Tensor, q: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+def logit_gradient_bounds(p: Tensor, q: Tensor, alpha: AlphaLike) -> tuple[Tensor, Tensor]:
     r"""Per-class bounds on ``|dL/dz_i|`` after PGT (§4.2, made precise).
 
     Since ``p'_i`` lies between ``p_i`` and the threshold ``T`` (Lemma 1 and

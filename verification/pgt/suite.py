@@ -31,7 +31,7 @@ from verification.tolerances import classify, single_thread
 
 from .reference import reference_reconstruct_from_grad_hook
 
-__all__ = ["run_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS"]
+__all__ = ["run_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS", "QUICK_STEPS"]
 
 SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
 CURVE_COLUMNS = ["section", "case", "step", "rel_dev"]
@@ -41,6 +41,8 @@ _BATCH = 8
 _CLASSES = 5
 _NUM_BATCHES = 4
 _IGNORE = -100
+#: steps per case with ``quick=True`` (what ``reparam verify --quick`` promises)
+QUICK_STEPS = 8
 
 GradFn = Callable[[nn.Module, Tensor, Tensor], None]
 
@@ -78,10 +80,23 @@ def _plain(**ce: object) -> GradFn:
     return run
 
 
+def _grad_penalty(loss_fn: Callable[[Tensor, Tensor], Tensor], weight: float = 0.1) -> GradFn:
+    """Train on ``loss + weight * ||d loss / d x||^2`` (double backward through the loss)."""
+
+    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
+        x = x.detach().requires_grad_()
+        loss = loss_fn(model(x), t)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        _backward(model, loss + weight * gx.pow(2).sum(), 1.0)
+
+    return run
+
+
 def _pgt_logits(alpha: float, loss_scale: float, explicit_scale: bool = False, **ce: object) -> GradFn:
     def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
         z = model(x)
-        scale = loss_scale / z.shape[0] if explicit_scale else None
+        # unweighted mean: s = S / (number of non-ignored rows); ignored rows have zero gradient
+        scale = loss_scale / int((t != _IGNORE).sum()) if explicit_scale else None
         _backward(model, F.cross_entropy(power_grad_logits(z, alpha, scale=scale), t, **ce), loss_scale)
 
     return run
@@ -144,6 +159,14 @@ def _cases(weight: Tensor) -> list[_Case]:
               _pgt_logits(0.3, loss_scale=512.0, explicit_scale=True, label_smoothing=0.1),
               _surrogate(0.3, label_smoothing=0.1), "adam", "hard",
               f"logits transform, scale=S/B given; smoothing 0.1, loss scale 512 {sur}"),
+        _Case("logits-explicit-ignore-a0.3", "exact",
+              _pgt_logits(0.3, loss_scale=64.0, explicit_scale=True, label_smoothing=0.1),
+              _surrogate(0.3, label_smoothing=0.1), "sgdm", "ignore",
+              f"logits transform, scale=S/(non-ignored rows); smoothing 0.1, ignore_index {sur}"),
+        _Case("loss-gradpenalty-a0.3", "exact",
+              _grad_penalty(lambda z, t: power_grad_cross_entropy(z, t, 0.3)),
+              _grad_penalty(lambda z, t: F.cross_entropy(0.3 * z, t) / 0.3), "adam", "hard",
+              f"input-gradient penalty (double backward) {sur}"),
         _Case("neg-pgt-a0.25-vs-ce", "diverges", _pgt_loss(0.25), _plain(), "sgdm", "hard",
               "PGT a=0.25 vs plain CE (must differ)"),
         _Case("neg-reference-hook-S1", "diverges", _reference_hook(0.25, 1.0), _surrogate(0.25), "sgdm", "hard",
@@ -236,14 +259,15 @@ def run_pgt_section(
 
     ``summary``: one row per case, columns ``section, case, expected, observed, max_abs_dev,
     max_rel_dev, match, detail``.  ``curves``: ``section, case, step, rel_dev`` per step.
-    ``quick`` caps the trajectory at 5 steps.
+    ``quick`` caps the trajectory at :data:`QUICK_STEPS` (8) steps, the number
+    ``reparam verify --quick`` advertises.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if quick:
-        steps = min(steps, 5)
+        steps = min(steps, QUICK_STEPS)
     dev = torch.device(device)
     base = _make_model(dtype, dev, seed)
     data = _make_data(dtype, dev, seed)
