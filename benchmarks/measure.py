@@ -2,20 +2,28 @@
 and measure peak memory.
 
 Timing: ``warmup`` untimed steps, then ``steps`` timed steps. On CUDA every step is
-bracketed by CUDA events and the device is synchronized before the first and after the
-last step (no per-step host sync, so launch overhead counts as it does in real training);
-on CPU by ``time.perf_counter``. Reported: median and inter-quartile range in ms/step.
+bracketed by CUDA events on the row device's current stream and the device is synchronized
+before the first and after the last step (no per-step host sync, so launch overhead counts
+as it does in real training); on CPU by ``time.perf_counter``. Reported: median and
+inter-quartile range in ms/step. A row runs inside :func:`device_context`, so that events,
+streams and memory statistics all refer to the row's GPU (``cuda:N``).
+
+Also counted: timed steps in which ``optimizer.step`` did not run (an fp16 ``GradScaler``
+skips it, and the SGS hooks with it, when gradients are inf/NaN) and, with
+``torch.compile``, the graphs dynamo compiled during the warm-up and the timed steps.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``
 taken before the model is built, so the peak counts everything the row allocates
 (weights, gradients, optimizer state, SGS masks/snapshots, the batch, activations).
 On CPU: the peak resident set size of the process minus its resident size right before
-the model was built. On Linux the high-water mark is reset through ``/proc/self/clear_refs``
-and read from ``VmHWM``; elsewhere ``resource.getrusage``'s ``ru_maxrss`` (a
-process-lifetime high-water mark) is used. On both devices the peak is reset again once the
-variant is built (keeping what stays allocated), so transient model copies made by the
-converters do not count; with ``ru_maxrss`` that reset is impossible. On CPU, free heap
-pages are returned to the OS (``malloc_trim``) before the baseline and before that reset. Memory the allocator keeps
+the model was built, every module the row needs being imported before that baseline
+(:func:`benchmarks.variants.preload`, :func:`reset_compiler`). On Linux the high-water
+mark is reset through ``/proc/self/clear_refs`` and read from ``VmHWM``; elsewhere
+``resource.getrusage``'s ``ru_maxrss`` (a process-lifetime high-water mark) is used. On
+both devices the peak is reset again once the variant is built (keeping what stays
+allocated), so transient model copies made by the converters do not count; with
+``ru_maxrss`` that reset is impossible. On CPU, free heap pages are returned to the OS
+(``malloc_trim``) before the baseline and before that reset. Memory the allocator keeps
 from an earlier row would be reused without raising the RSS, so the runner measures each
 CPU row in a fresh subprocess by default.
 """
@@ -26,8 +34,8 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
@@ -202,23 +210,60 @@ def num_classes_of(model: nn.Module, images: torch.Tensor) -> int:
 
 
 # -- timing --------------------------------------------------------------------------------
+def device_context(device: torch.device) -> ContextManager:
+    """Make ``device`` the current CUDA device (a no-op on CPU): streams, events and
+    allocator calls without an explicit device then refer to it, not to ``cuda:0``."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def reset_compiler() -> None:
+    """Forget dynamo's compiled code and guards. Without this, every row's freshly built
+    model recompiles the same frame until ``recompile_limit`` is hit, after which dynamo
+    silently runs later rows eagerly. Also imports inductor (the default backend), so that a
+    memory baseline taken afterwards does not count the import."""
+    import torch._dynamo
+    import torch._inductor.compile_fx  # noqa: F401
+
+    torch._dynamo.reset()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (a monotonic counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class OptimizerStepCounter:
+    """Counts the calls of ``optimizer.step`` that actually ran."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.count = 0
+        self._handle = optimizer.register_step_post_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 def time_steps(
-    step: Callable[[], None], device: torch.device, warmup: int, steps: int, cpu_times: list[float] | None = None
+    step: Callable[[], None], device: torch.device, steps: int, cpu_times: list[float] | None = None
 ) -> list[float]:
-    """Milliseconds of each of ``steps`` timed steps after ``warmup`` untimed ones.
+    """Milliseconds of each of ``steps`` timed steps (run the warm-up before).
 
     On CPU, ``cpu_times`` (if given) receives each step's process CPU time in ms
     (``time.process_time``): with several threads it is the sum over threads, and it is
     much less sensitive than wall time to other processes competing for the cores."""
-    for _ in range(warmup):
-        step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        stream = torch.cuda.current_stream(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
-            start.record()
+            start.record(stream)
             step()
-            end.record()
+            end.record(stream)
         torch.cuda.synchronize(device)
         return [start.elapsed_time(end) for start, end in events]
     times = []
@@ -230,6 +275,48 @@ def time_steps(
         if cpu_times is not None:
             cpu_times.append((time.process_time() - c0) * 1e3)
     return times
+
+
+@dataclass
+class StepRun:
+    """What :func:`run_steps` measured."""
+
+    times_ms: list[float]
+    cpu_times_ms: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # timed steps whose optimizer.step (and SGS hooks) did not run
+    warmup_graphs: int | None = None  # graphs dynamo compiled during the warm-up (compile only)
+    timed_graphs: int | None = None  # ... and during the timed steps: compilation in the timings
+
+
+def run_steps(
+    step: Callable[[], None], optimizer: torch.optim.Optimizer, device: torch.device, warmup: int, steps: int,
+    compiled: bool = False,
+) -> StepRun:
+    """``warmup`` untimed steps, then ``steps`` timed ones (:func:`time_steps`)."""
+    counter = OptimizerStepCounter(optimizer)
+    try:
+        graphs0 = compiled_graphs() if compiled else 0
+        for _ in range(warmup):
+            step()
+        graphs1 = compiled_graphs() if compiled else 0
+        ran = counter.count
+        cpu_times: list[float] = []
+        times = time_steps(step, device, steps, cpu_times)
+        run = StepRun(times, cpu_times, skipped_steps=steps - (counter.count - ran))
+        if compiled:
+            run.warmup_graphs, run.timed_graphs = graphs1 - graphs0, compiled_graphs() - graphs1
+        return run
+    finally:
+        counter.remove()
+
+
+def compile_problem(run: StepRun) -> str | None:
+    """Why a ``--compile`` row's timings are not of compiled code, or None."""
+    if run.warmup_graphs == 0 and not run.timed_graphs:
+        return "torch.compile compiled no graph: the model ran eagerly (dynamo fallback)"
+    if run.timed_graphs:
+        return f"torch.compile compiled {run.timed_graphs} graph(s) during the timed steps (recompilation); raise --warmup"
+    return None
 
 
 def summarize(times_ms: list[float], batch_size: int) -> dict:

@@ -2,9 +2,10 @@
 
 On CPU each row runs by default in a fresh subprocess (``python -m benchmarks.run
 --worker``) so that its peak RSS is its own; on CUDA rows run in-process, the peak being
-``torch.cuda.max_memory_allocated`` after a reset. Rows are written to disk as soon as
-they finish, so an interrupted run keeps them; an out-of-memory row is recorded as
-``OOM`` and the run goes on.
+``torch.cuda.max_memory_allocated`` after a reset, unless a row timeout is set (only a
+subprocess can be killed when it runs over). In-process ``--compile`` rows reset dynamo
+first. Rows are written to disk as soon as they finish, so an interrupted run keeps them;
+an out-of-memory row is recorded as ``OOM`` and the run goes on.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class BenchOptions:
     steps: int = 30
     warmup: int = 10
     isolate: str = "auto"  # auto (subprocess per row on CPU) | always | never
-    row_timeout: float | None = None  # seconds per isolated row
+    row_timeout: float | None = None  # seconds per row; rows then run isolated (not with isolate=never)
     threads: int | None = None
     out: str | None = None
     progress: bool = True
@@ -91,15 +92,25 @@ def _num_classes(model, images, measure) -> int:
 
 
 def measure_row(spec: RowSpec) -> dict:
-    """Build the variant and time it, in this process. Never raises for a row failure:
-    the row's ``status`` is ``ok``, ``OOM`` or ``error``."""
+    """Build the variant and time it, in this process (on the row's device, see
+    :func:`benchmarks.measure.device_context`). Never raises for a row failure: the row's
+    ``status`` is ``ok``, ``OOM`` or ``error``."""
+    import torch
+
+    from benchmarks import measure
+
+    device = torch.device(spec.device)
+    with measure.device_context(device):
+        return _measure_row(spec, device)
+
+
+def _measure_row(spec: RowSpec, device: "torch.device") -> dict:
     import torch
 
     from benchmarks import measure, variants
     from benchmarks.environment import apply_backend_flags
 
     row = _base_row(spec)
-    device = torch.device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     apply_backend_flags(device, spec.cudnn_benchmark, spec.tf32)
@@ -107,6 +118,9 @@ def measure_row(spec: RowSpec) -> dict:
     meter = measure.MemoryMeter(device)
     built = None
     try:
+        variants.preload(model_spec(spec.model))  # imports are not part of the row's memory
+        if spec.compile:
+            measure.reset_compiler()
         torch.manual_seed(0)
         meter.start()
         built = variants.build_variant(
@@ -117,13 +131,17 @@ def measure_row(spec: RowSpec) -> dict:
         num_classes = _num_classes(built.model, images, measure)
         images, labels = measure.make_batch(spec.batch_size, spec.image_size, num_classes, cfg)
         step = measure.make_step(built.model, built.optimizer, images, labels, cfg)
-        cpu_times: list[float] = []
-        times = measure.time_steps(step, device, spec.warmup, spec.steps, cpu_times)
+        result = measure.run_steps(step, built.optimizer, device, spec.warmup, spec.steps, spec.compile)
         peak = meter.peak_bytes()
-        row.update(measure.summarize(times, spec.batch_size))
-        if cpu_times:
-            row["cpu_median_ms"] = measure.summarize(cpu_times, spec.batch_size)["median_ms"]
+        row.update(measure.summarize(result.times_ms, spec.batch_size), skipped_steps=result.skipped_steps)
+        if result.cpu_times_ms:
+            row["cpu_median_ms"] = measure.summarize(result.cpu_times_ms, spec.batch_size)["median_ms"]
         row.update(status="ok", peak_mem_mb=None if peak is None else peak / 2**20, mem_kind=meter.kind)
+        if spec.compile:
+            row["compiled_graphs"] = result.warmup_graphs + result.timed_graphs
+            problem = measure.compile_problem(result)
+            if problem:
+                row.update(status="error", error=problem)
     except Exception as exc:  # noqa: BLE001 - a failed row is recorded, the run goes on
         oom = measure.is_oom(exc)
         row.update(status="OOM" if oom else "error", error=f"{type(exc).__name__}: {exc}"[:500])
@@ -198,6 +216,34 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
+def check_device(name: str) -> "torch.device":
+    """``torch.device(name)`` if this machine can run it, else ValueError with a one-line reason."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name!r} is not a device ({str(exc).splitlines()[0]})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu, cuda and cuda:N are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                             f"built for CUDA {torch.version.cuda or 'none'})")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: only {count} CUDA device(s) are visible")
+    return device
+
+
+def isolate_rows(opts: BenchOptions) -> bool:
+    """One subprocess per row? ``auto``: on CPU (each row's peak RSS is its own) and whenever
+    a ``--row-timeout`` is set (only a subprocess can be killed when it runs over)."""
+    if opts.isolate == "auto":
+        return opts.device.split(":")[0] == "cpu" or opts.row_timeout is not None
+    return opts.isolate == "always"
+
+
 def default_out(device: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("benchmarks") / "results" / f"{device.split(':')[0]}-{stamp}"
@@ -211,11 +257,12 @@ def run_benchmark(opts: BenchOptions, echo=print) -> tuple[list[dict], dict, dic
     from benchmarks.environment import apply_backend_flags, collect
     from benchmarks.variants import resolve_variants
 
-    device = torch.device(opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda requested but CUDA is not available")
+    device = check_device(opts.device)
     variant_names = resolve_variants(opts.variants)
-    isolate = opts.isolate == "always" or (opts.isolate == "auto" and device.type == "cpu")
+    isolate = isolate_rows(opts)
+    if opts.row_timeout is not None and not isolate:
+        print(f"reparam bench: warning: --row-timeout {opts.row_timeout:g} s is ignored: it only applies to rows "
+              "run in their own process, and --isolate never runs them in-process", file=sys.stderr)
     out_dir = Path(opts.out) if opts.out else default_out(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -253,6 +300,10 @@ def run_benchmark(opts: BenchOptions, echo=print) -> tuple[list[dict], dict, dic
                     f"{row['status']:<5}")
             if row["status"] == "ok":
                 line += f" {row['median_ms']:9.2f} ms/step  x{(row.get('time_ratio') or float('nan')):.3f}"
+            if row.get("skipped_steps"):
+                line += f"  ({row['skipped_steps']} of {row['steps']} timed steps skipped optimizer.step)"
+            if row["status"] == "error":
+                line += f"  {row.get('error', '')}"
             (bar.write if bar is not None else echo)(line)
             if bar is not None:
                 bar.update(1)

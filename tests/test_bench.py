@@ -68,11 +68,11 @@ def test_oom_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     real = measure.time_steps
     calls = []
 
-    def flaky(step, device, warmup, steps, cpu_times=None):
+    def flaky(step, device, steps, cpu_times=None):
         calls.append(1)
         if len(calls) == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(step, device, warmup, steps, cpu_times)
+        return real(step, device, steps, cpu_times)
 
     monkeypatch.setattr(measure, "time_steps", flaky)
     code, out = _bench(tmp_path, "--variants", "plain", "acb-merged", "repvgg", "--isolate", "never")
@@ -141,3 +141,194 @@ def test_row_timeout_is_recorded(tmp_path):
     assert code == 0
     table = pd.read_csv(out / "results.csv")
     assert list(table["status"]) == ["timeout"] and "row-timeout" in table["error"].iloc[0]
+
+
+# -- torch.compile in-process -------------------------------------------------------------
+@pytest.fixture
+def cheap_compile(monkeypatch):
+    """torch.compile with dynamo's ``eager`` backend (same tracing, guards and recompile
+    limit, no inductor code generation) and a recompile limit of 1."""
+    import functools
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    with config.patch(**{limit: 1}):
+        yield
+    torch._dynamo.reset()
+
+
+def test_in_process_compile_rows_each_compile_their_model(tmp_path, cheap_compile):
+    """Without a dynamo reset per row the second model would hit the recompile limit and run eagerly."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    code, out = _bench(tmp_path, "--variants", "acb", "dbb-merged", "--isolate", "never", "--compile")
+    assert code == 0
+    assert counters["stats"]["unique_graphs"] - graphs >= 3  # each row compiled its model
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["status"]) == ["ok"] * 3 and table["compile"].all()
+    assert (table["compiled_graphs"] >= 1).all()
+
+
+def test_compile_fallback_to_eager_is_an_error_row(tmp_path, cheap_compile, monkeypatch):
+    monkeypatch.setattr(measure, "reset_compiler", lambda: None)  # as before the fix
+    code, out = _bench(tmp_path, "--variants", "acb", "--isolate", "never", "--compile")
+    assert code == 1
+    table = pd.read_csv(out / "results.csv")
+    assert list(table["status"]) == ["ok", "error"]
+    assert table["compiled_graphs"].tolist() == [1, 0] and "ran eagerly" in table["error"].iloc[1]
+
+
+def test_compile_problems():
+    assert measure.compile_problem(measure.StepRun([1.0], warmup_graphs=2, timed_graphs=0)) is None
+    assert "eagerly" in measure.compile_problem(measure.StepRun([1.0], warmup_graphs=0, timed_graphs=0))
+    assert "timed steps" in measure.compile_problem(measure.StepRun([1.0], warmup_graphs=1, timed_graphs=1))
+
+
+def test_compile_needs_a_warmup(tmp_path, capsys):
+    assert _bench(tmp_path, "--variants", "plain", "--compile", "--warmup", "0")[0] == 2
+    assert "--compile needs --warmup >= 1" in capsys.readouterr().err
+
+
+# -- memory baseline ----------------------------------------------------------------------
+_NEW_MODULES = """
+import json, sys
+from benchmarks import measure, run
+seen = {}
+start, peak = measure.MemoryMeter.start, measure.MemoryMeter.peak_bytes
+def recording_start(self):
+    seen["before"] = set(sys.modules)
+    start(self)
+def recording_peak(self):
+    seen["new"] = sorted(set(sys.modules) - seen["before"])
+    return peak(self)
+measure.MemoryMeter.start, measure.MemoryMeter.peak_bytes = recording_start, recording_peak
+row = run.measure_row(run.RowSpec(sys.argv[1], 16, 2, sys.argv[2], "cpu", "float32", None, False, False,
+                                  "default", False, 1, 1, 1))
+print(json.dumps({"status": row["status"], "new": seen.get("new")}))
+"""
+
+
+@pytest.mark.parametrize("model, variant", [("torchvision:resnet18", "sgs-update"), ("benchmarks.tiny:tiny_net", "plain-adamw")])
+def test_no_module_is_imported_after_the_memory_baseline(model, variant):
+    """Imports after the baseline (reparam.convert, torchvision.models, torch._dynamo via the
+    optimizer: ~150 MiB) would count in the row's peak RSS."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", _NEW_MODULES, model, variant], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"status": "ok", "new": []}
+
+
+# -- devices ------------------------------------------------------------------------------
+def test_unusable_device_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _bench(tmp_path, "--device", "cuda")[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reparam bench: --device cuda: CUDA is not available") and err.count("\n") == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert _bench(tmp_path, "--device", "cuda:1")[0] == 2
+    assert "only 1 CUDA device" in capsys.readouterr().err
+    assert _bench(tmp_path, "--device", "gpu0")[0] == 2
+    assert "is not a device" in capsys.readouterr().err
+
+
+def test_cuda_row_runs_with_its_device_current(monkeypatch):
+    """cuda:N: events, streams and allocator calls that take no device refer to the current
+    device, which must be N for the whole row (not cuda:0)."""
+    current: list[int | None] = [None]
+
+    class FakeDeviceContext:
+        def __init__(self, device):
+            self.idx = torch.device(device).index
+
+        def __enter__(self):
+            self.prev, current[0] = current[0], self.idx
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    seen = []
+
+    def stop(self):
+        seen.append(current[0])
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
+    monkeypatch.setattr(measure.MemoryMeter, "start", stop)
+    spec = run.RowSpec("benchmarks.tiny:tiny_net", 16, 2, "plain", "cuda:1", "float32", None, False, False,
+                       "default", False, 1, 1, None)
+    row = run.measure_row(spec)
+    assert row["status"] == "error" and "stop here" in row["error"]
+    assert seen == [1] and current == [None]
+
+
+def test_cuda_events_record_on_the_row_device_stream(monkeypatch):
+    recorded, synced = [], []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def elapsed_time(self, end):
+            return 2.0
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"stream of {device}")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    device = torch.device("cuda:1")
+    assert measure.time_steps(lambda: None, device, 3) == [2.0] * 3
+    assert recorded == ["stream of cuda:1"] * 6 and synced == [device, device]
+
+
+# -- row timeout --------------------------------------------------------------------------
+def test_row_timeout_isolates_rows_or_warns(tmp_path, capsys):
+    assert run.isolate_rows(run.BenchOptions(device="cuda", row_timeout=120.0))
+    assert not run.isolate_rows(run.BenchOptions(device="cuda:1"))
+    assert run.isolate_rows(run.BenchOptions(device="cpu"))
+    assert not run.isolate_rows(run.BenchOptions(device="cpu", isolate="never", row_timeout=5.0))
+    code, out = _bench(tmp_path, "--variants", "plain", "--isolate", "never", "--row-timeout", "60")
+    assert code == 0
+    assert "--row-timeout 60 s is ignored" in capsys.readouterr().err
+    assert _bench(tmp_path, "--variants", "plain", "--row-timeout", "0")[0] == 2
+
+
+# -- skipped optimizer steps --------------------------------------------------------------
+CPU_GRAD_SCALER = pytest.mark.skipif(not hasattr(getattr(torch, "amp", None), "GradScaler"),
+                                     reason="a CPU GradScaler needs torch >= 2.3")
+
+
+@CPU_GRAD_SCALER
+def test_skipped_optimizer_steps_are_counted(tmp_path, monkeypatch):
+    """fp16 GradScaler: with inf/NaN gradients it skips optimizer.step (and the SGS hooks)."""
+    real = measure.make_batch
+
+    def nan_batch(*args, **kwargs):
+        images, labels = real(*args, **kwargs)
+        return images.fill_(float("nan")), labels
+
+    monkeypatch.setattr(measure, "make_batch", nan_batch)
+    code, out = _bench(tmp_path, "--variants", "sgs-grad", "--isolate", "never", "--amp", "fp16", "--steps", "3")
+    assert code == 0
+    table = pd.read_csv(out / "results.csv")
+    assert table["skipped_steps"].tolist() == [3, 3]
+
+
+@CPU_GRAD_SCALER
+def test_no_skipped_steps_normally(tmp_path):
+    code, out = _bench(tmp_path, "--variants", "sgs-update", "--isolate", "never", "--amp", "fp16")
+    assert code == 0
+    assert pd.read_csv(out / "results.csv")["skipped_steps"].tolist() == [0, 0]

@@ -45,15 +45,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     parser.add_argument("--tf32", default="default", choices=["default", "on", "off"],
                         help="TF32 for CUDA matmul and cuDNN conv (default: leave torch's setting; recorded)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (needs --warmup >= 1; dynamo is reset before every row)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default: 10)")
     parser.add_argument("--quick", action="store_true",
                         help="resnet18 at 32px batch 16, 2 warm-up + 5 steps, 120 s row timeout (explicit options override)")
     parser.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
-                        help="one subprocess per row: auto = on CPU (separate peak RSS), always, never")
+                        help="one subprocess per row: auto = on CPU (separate peak RSS) or with a row timeout, "
+                        "always, never")
     parser.add_argument("--row-timeout", type=float, default=None, metavar="S",
-                        help="kill an isolated row after S seconds and record it as 'timeout'")
+                        help="kill a row after S seconds and record it as 'timeout'; rows then run in their own "
+                        "process (ignored, with a warning, under --isolate never)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: benchmarks/results/<device>-<timestamp>)")
@@ -86,25 +89,31 @@ def options_from_args(args: argparse.Namespace):
     warmup = args.warmup if args.warmup is not None else (QUICK["warmup"] if args.quick else 10)
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if args.compile and warmup < 1:
+        raise ValueError("--compile needs --warmup >= 1: the first steps compile the model and must not be timed")
     if args.amp and args.dtype != "float32":
         raise ValueError("--amp needs --dtype float32 (autocast runs on float32 parameters)")
+    row_timeout = args.row_timeout if args.row_timeout is not None else (QUICK["row_timeout"] if args.quick else None)
+    if row_timeout is not None and row_timeout <= 0:
+        raise ValueError("--row-timeout must be > 0 seconds")
     return BenchOptions(
         models=models, sizes=list(zip(sizes_px, batches)), variants=args.variants or ["all"],
         device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark, tf32=args.tf32, compile=args.compile, steps=steps,
-        warmup=warmup, isolate=args.isolate,
-        row_timeout=args.row_timeout if args.row_timeout is not None else (QUICK["row_timeout"] if args.quick else None), threads=args.threads, out=args.out, progress=not args.no_progress,
+        warmup=warmup, isolate=args.isolate, row_timeout=row_timeout, threads=args.threads, out=args.out,
+        progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.report import table_text
-    from benchmarks.run import run_benchmark
+    from benchmarks.run import check_device, run_benchmark
     from benchmarks.variants import resolve_variants
 
     try:
         opts = options_from_args(args)
         resolve_variants(opts.variants)
+        check_device(opts.device)
     except ValueError as exc:
         print(f"reparam bench: {exc}", file=sys.stderr)
         return 2
