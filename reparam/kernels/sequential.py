@@ -1,6 +1,7 @@
 """A 1x1 conv followed by a KxK conv (same groups) is one KxK conv."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -14,15 +15,16 @@ def merge_1x1_then_kxk(
     ``b[o] = second_bias[o] + sum_{m, taps} second[o, m, :, :] * first_bias[m]``. The bias
     term is exact only if the KxK conv sees ``first_bias`` (not zeros) in its padding ring.
     """
-    mid, in_per_group = first.shape[:2]
+    in_per_group = first.shape[1]
     out, mid_per_group, kh, kw = second.shape
-    a = first.reshape(groups, mid // groups, in_per_group)
+    a = first.reshape(groups, mid_per_group, in_per_group)
     b = second.reshape(groups, out // groups, mid_per_group, kh, kw)
-    weight = (b.unsqueeze(3) * a.reshape(groups, 1, mid_per_group, in_per_group, 1, 1)).sum(2)
-    weight = weight.reshape(out, in_per_group, kh, kw)
+    # A contraction over m (a batched matrix product per group): never materializes the
+    # (groups, out/g, mid/g, in/g, kh, kw) product.
+    weight = torch.einsum("gomhw,gmi->goihw", b, a).reshape(out, in_per_group, kh, kw)
     bias = None
     if first_bias is not None:
-        bias = (b.sum((3, 4)) * first_bias.reshape(groups, 1, mid_per_group)).sum(2).reshape(out)
+        bias = torch.einsum("gomhw,gm->go", b, first_bias.reshape(groups, mid_per_group)).reshape(out)
     if second_bias is not None:
         bias = second_bias if bias is None else bias + second_bias
     return weight, bias
