@@ -4,7 +4,10 @@
 - ``fused.safetensors``: the deploy model's state dict (every block fused to one conv),
 - ``masks.safetensors``: the SGS masks (and constant kernels) of the plain model,
 - ``report.json`` / ``report.md``: layers converted / skipped (with the reason), SGS
-  exactness per layer, and the max output differences on a random probe in eval mode.
+  exactness per layer, and the max output differences on a random probe in eval mode:
+  fused vs branched on the model itself, branched vs original on a copy whose BatchNorm
+  statistics/affine parameters and conv biases are randomized (a fresh torchvision BatchNorm
+  is the identity, which would make that check pass whatever the conversion did).
 
     reparam convert --model torchvision:resnet18 --block acb --bn after --out runs/r18
 """
@@ -13,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from typing import Any
 
 from reparam.cli._convert_common import add_model_arguments, fail, first_conv_channels
+
+PRESERVE_CHECK = "on a copy with randomized BatchNorm statistics/affine parameters and conv biases, seed {seed}"
 
 
 def register(subparsers: Any) -> None:
@@ -37,49 +43,71 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _state_dict(model) -> dict:
-    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+def _save_state_dict(model, path: str, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    try:
+        save_file(state, path, metadata=meta)
+    except Exception as err:  # noqa: BLE001 - OSError or the writer's own error type
+        raise OSError(f"{path}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except OSError as err:
+        return fail("convert", f"cannot write to {args.out}: {err}")
+
+
+def _run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
-    from safetensors.torch import save_file
 
+    from reparam.cli._convert_common import prepare_output, printed_warnings, randomized_copy
     from reparam.convert import convert_model, fuse_model, load_model, max_output_difference, save_masks, to_sgs
     from reparam.errors import ReparamError
 
+    problem = prepare_output(args.out, directory=True)
+    if problem:
+        return fail("convert", problem)
     try:
         original = load_model(args.model).eval()
         if args.float64:
             original = original.double()
-        model, report = convert_model(
-            original, args.block, args.bn, include=args.include, exclude=args.exclude,
-            preserve=not args.fresh, return_report=True,
-        )
-        model.eval()
         generator = torch.Generator().manual_seed(args.seed)
         channels = args.in_channels or first_conv_channels(original)
         probe = torch.randn(args.batch, channels, args.input_size, args.input_size, generator=generator)
         probe = probe.to(next(original.parameters()).dtype)
         try:
             with torch.no_grad():
-                reference = original(probe)
-                branched_out = model(probe)
-        except RuntimeError as err:
-            return fail("convert", f"forward on a probe of shape {tuple(probe.shape)} failed ({err}); "
-                                   "try another --input-size or --in-channels")
+                original(probe)
+        except Exception as err:  # noqa: BLE001 - any failure of the model's forward on the probe
+            message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+            return fail("convert", f"the model fails on a probe of shape {tuple(probe.shape)} ({message}); "
+                                   "set --input-size (e.g. 224 for a model with a fixed input size) or --in-channels")
+        options = dict(include=args.include, exclude=args.exclude, preserve=not args.fresh, example_input=probe)
+        with printed_warnings("convert"):
+            model, report = convert_model(original, args.block, args.bn, return_report=True, **options)
+        model.eval()
+        with torch.no_grad():
+            branched_out = model(probe)
         fused, fused_diff = fuse_model(model, probe=probe)
         scale = max(max_output_difference(branched_out, branched_out * 0), 1e-30)
-        preserve_diff = max_output_difference(reference, branched_out)
+        preserve_diff = None
+        if not args.fresh:  # on a copy whose BatchNorms are not the identity, so the check can fail
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # already printed for the model itself
+                _, check = convert_model(randomized_copy(original, args.seed), args.block, args.bn,
+                                         return_report=True, **options)
+            preserve_diff = check.max_abs_diff
         sgs = to_sgs(model, warn=False)
         plain, masks, constants = sgs
-        os.makedirs(args.out, exist_ok=True)
         files = {name: os.path.join(args.out, name) for name in
                  ("branched.safetensors", "fused.safetensors", "masks.safetensors", "report.json", "report.md")}
         meta = {"model": args.model, "block": args.block, "bn": args.bn}
-        save_file(_state_dict(model), files["branched.safetensors"], metadata=meta)
-        save_file(_state_dict(fused), files["fused.safetensors"], metadata=meta)
+        _save_state_dict(model, files["branched.safetensors"], meta)
+        _save_state_dict(fused, files["fused.safetensors"], meta)
         save_masks(files["masks.safetensors"], masks, model=plain, constants=constants, metadata=meta)
     except ReparamError as err:
         return fail("convert", err)
@@ -91,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(probe.dtype).replace("torch.", ""),
         "max_abs_diff_fused_vs_branched": fused_diff,
         "max_rel_diff_fused_vs_branched": fused_diff / scale,
-        "max_abs_diff_branched_vs_original": preserve_diff if not args.fresh else None,
+        "max_abs_diff_branched_vs_original": preserve_diff,
+        "branched_vs_original_on": None if args.fresh else PRESERVE_CHECK.format(seed=args.seed),
         "converted": len(report.converted),
         "skipped": len(report.skipped),
         "sgs_approximate": len(sgs.report.approximate),
@@ -116,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nfused vs branched (eval, {tuple(probe.shape)}): max |diff| = {fused_diff:.3g} "
           f"(relative {fused_diff / scale:.3g})")
     if not args.fresh:
-        print(f"branched vs original: max |diff| = {preserve_diff:.3g}")
+        print(f"branched vs original ({PRESERVE_CHECK.format(seed=args.seed)}): max |diff| = {preserve_diff:.3g}")
     if sgs.report.approximate:
         print(f"SGS: {len(sgs.report.approximate)} of {len(sgs.report.layers)} layers approximate (see report)")
     print(f"wrote {', '.join(files.values())}")

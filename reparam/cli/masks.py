@@ -23,24 +23,33 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reparam.cli._convert_common import prepare_output, printed_warnings
     from reparam.convert import convert_model, load_model, save_masks, to_sgs
     from reparam.convert.plot import plot_masks
     from reparam.errors import ReparamError
 
+    for path in filter(None, (args.out, args.plot)):
+        problem = prepare_output(path)
+        if problem:
+            return fail("masks", problem)
     try:
-        model = convert_model(load_model(args.model), args.block, args.bn, include=args.include, exclude=args.exclude)
+        with printed_warnings("masks"):
+            model = convert_model(load_model(args.model), args.block, args.bn,
+                                  include=args.include, exclude=args.exclude)
         sgs = to_sgs(model, warn=False)
         plain, masks, constants = sgs
         if not masks:
             return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
         save_masks(args.out, masks, model=plain, constants=constants,
                    metadata={"model": args.model, "block": args.block, "bn": args.bn})
+        for layer in sgs.report.layers:
+            status = "exact" if layer.exact else "APPROXIMATE: " + "; ".join(layer.reasons)
+            print(f"{layer.weight}: {[[round(v, 6) for v in row] for row in layer.mask]}  [{status}]")
+        if args.plot:
+            plot_masks(masks, args.plot, title=f"{args.model} {args.block} bn={args.bn}")
     except ReparamError as err:
         return fail("masks", err)
-    for layer in sgs.report.layers:
-        status = "exact" if layer.exact else "APPROXIMATE: " + "; ".join(layer.reasons)
-        print(f"{layer.weight}: {[[round(v, 6) for v in row] for row in layer.mask]}  [{status}]")
-    if args.plot:
-        plot_masks(masks, args.plot, title=f"{args.model} {args.block} bn={args.bn}")
+    except OSError as err:
+        return fail("masks", f"cannot write {args.plot}: {err}")
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0

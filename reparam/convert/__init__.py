@@ -4,12 +4,17 @@
   it, found by torch.fx tracing) becomes an ACB / RepVGG / DBB block, function-preserving.
 - :func:`fuse_model`: every block becomes its fused ``nn.Conv2d`` (deploy form).
 - :func:`to_sgs`: every block becomes the plain conv SGS trains, with masks keyed by name.
-- :func:`save_masks` / :func:`load_masks`: safetensors mask files, validated against a model.
+- :func:`save_masks` / :func:`load_masks`: safetensors mask files (checksummed, with the
+  saving model's conv layers recorded), validated against a model.
 - :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
 """
-from reparam.convert.graph import DataflowPairs, find_conv_bn_pairs, reads_attributes_of
+from reparam.convert.graph import (
+    DataflowPairs, UntraceableModelWarning, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
+)
 from reparam.convert.loading import load_model
-from reparam.convert.maskfile import MaskFile, load_masks, read_mask_file, save_masks, validate_mask_file
+from reparam.convert.maskfile import (
+    MaskFile, MaskFileWarning, load_masks, read_mask_file, save_masks, validate_mask_file,
+)
 from reparam.convert.model import ConvBN, SGSConversion, convert_model, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 
@@ -19,16 +24,19 @@ __all__ = [
     "ConvertedLayer",
     "DataflowPairs",
     "MaskFile",
+    "MaskFileWarning",
     "SGSConversion",
     "SGSLayer",
     "SGSReport",
     "SkippedLayer",
+    "UntraceableModelWarning",
     "convert_model",
     "find_conv_bn_pairs",
     "fuse_model",
     "load_masks",
     "load_model",
     "max_output_difference",
+    "parameters_used_outside",
     "read_mask_file",
     "reads_attributes_of",
     "save_masks",

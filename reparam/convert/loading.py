@@ -1,8 +1,13 @@
 """Resolve a model spec: ``torchvision:<name>`` (random weights, never downloads) or
-``module:callable`` (import ``module``, call ``callable()`` with no arguments)."""
+``module:callable`` (import ``module``, call ``callable()`` with no arguments). ``module`` is
+looked up in the current directory too, as ``python -m`` does, so the ``reparam`` console
+script finds ``./mynets.py``."""
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from types import ModuleType
 
 from torch import nn
 
@@ -44,9 +49,24 @@ def _torchvision_model(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
+def _import_with_cwd(module_name: str) -> ModuleType:
+    """Import ``module_name`` with the current directory first on ``sys.path`` (as under
+    ``python -m``) for the duration of the import, unless it is on the path already."""
+    cwd = os.getcwd()
+    added = not any(os.path.abspath(entry or os.curdir) == cwd for entry in sys.path)
+    if added:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
 def _callable_model(module_name: str, attr: str, spec: str) -> nn.Module:
     try:
-        module = importlib.import_module(module_name)
+        module = _import_with_cwd(module_name)
     except ImportError as err:
         raise ConversionError(f"model spec {spec!r}: cannot import module {module_name!r}: {err}") from None
     target = module

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import AverageBranch, ConvBranch, IdentityBranch, SequentialBranch
-from reparam.convert.graph import find_conv_bn_pairs, reads_attributes_of
+from reparam.convert.graph import (
+    UntraceableModelWarning, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
+)
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.errors import ConfigError, ConversionError
 from reparam.kernels import fold_batchnorm
@@ -157,6 +159,49 @@ def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
 
 
 # -- convert ---------------------------------------------------------------------------------
+def _as_args(example_input: Any) -> tuple:
+    return example_input if isinstance(example_input, tuple) else (example_input,)
+
+
+def _shapes(args: tuple) -> str:
+    return ", ".join(str(tuple(a.shape)) if isinstance(a, Tensor) else type(a).__name__ for a in args)
+
+
+def _run_example(model: nn.Module, args: tuple, what: str, watch: bool) -> tuple[Any, set[str]]:
+    """``model(*args)`` in eval mode without grad (and, with ``watch``, the conv parameters the
+    forward uses directly); a failing forward becomes a :class:`ConversionError`."""
+    try:
+        if watch:
+            used, output = parameters_used_outside(model, args)
+            return output, used
+        return _eval_output(model, *args), set()
+    except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
+        message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+        raise ConversionError(
+            f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({message})"
+        ) from err
+
+
+def _untraceable_warning(model: nn.Module, error: str | None, bn: str, checked: bool, direct: list[str]) -> str:
+    asked = f" although bn={bn!r} was asked" if bn != "none" else ""
+    text = (
+        f"convert_model: torch.fx cannot trace {type(model).__name__} ({error}). Fallback: no BatchNorm was "
+        f"absorbed; every converted conv became a bn='none' block{asked}, and the BatchNorms stay where they "
+        "are (the function is preserved). "
+    )
+    if checked and direct:
+        return text + (
+            f"Convs whose parameters the forward uses directly (seen on example_input) were left as they are: "
+            f"{', '.join(direct)}."
+        )
+    if checked:
+        return text + "On example_input the forward uses no conv's parameters directly."
+    return text + (
+        "Without a graph, convs whose parameters the forward reads directly (e.g. F.conv2d(x, self.conv.weight)) "
+        "cannot be seen, and such a model fails at its first forward: pass example_input= to check."
+    )
+
+
 def convert_model(
     model: nn.Module,
     block: str = "acb",
@@ -165,6 +210,7 @@ def convert_model(
     exclude: str | Sequence[str] | None = None,
     preserve: bool = True,
     *,
+    example_input: Tensor | tuple | None = None,
     inplace: bool = False,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
@@ -192,7 +238,14 @@ def convert_model(
     - ``include``/``exclude``: fnmatch patterns on qualified module names (``"layer1.*"``).
     - Skipped (with the reason in the report): 1x1 and even kernels, non-"zeros"
       padding_mode, subclasses of nn.Conv2d, name filters, geometries a block rejects, convs
-      whose parameters the traced forward reads directly (``self.conv.weight``).
+      whose parameters the forward reads directly (``self.conv.weight``): seen in the traced
+      graph, or, for a model torch.fx cannot trace, by running ``example_input``.
+    - A model torch.fx cannot trace raises an :class:`UntraceableModelWarning` saying why and
+      what the fallback did.
+    - ``example_input`` (a tensor, or a tuple of forward arguments): the model is run on it
+      in eval mode before and after the conversion; a forward that fails raises
+      :class:`ConversionError`, and ``report.max_abs_diff`` records
+      ``max |converted - original|`` on it.
     - A frozen conv (``weight.requires_grad=False``) gives a frozen block.
 
     Works on a deep copy unless ``inplace=True``. The :class:`ConversionReport` is attached as
@@ -205,10 +258,15 @@ def convert_model(
     include_, exclude_ = _patterns(include), _patterns(exclude)
     target = model if inplace else copy.deepcopy(model)
     dataflow = find_conv_bn_pairs(target)
+    args = _as_args(example_input) if example_input is not None else None
+    if args is not None:
+        reference, used = _run_example(target, args, "the model", watch=not dataflow.traced)
+        dataflow.attributes |= used
     report = ConversionReport(block=block, bn=bn, preserve=preserve, traced=dataflow.traced, trace_error=dataflow.error)
     names = _names_by_module(target)
     block_cls = BLOCKS[block]
     plan = []
+    direct_reads: list[str] = []
     for name, conv in target.named_modules():
         if not isinstance(conv, nn.Conv2d):
             continue
@@ -216,6 +274,7 @@ def convert_model(
         direct = reads_attributes_of(dataflow, name) if reason is None else []
         if direct:
             reason = f"the forward reads {', '.join(direct)} directly; a block has no such attribute"
+            direct_reads.append(name)
         if reason is not None:
             report.skipped.append(SkippedLayer(name, reason))
             continue
@@ -240,14 +299,13 @@ def convert_model(
         elif not dataflow.traced:
             note = "no BatchNorm absorbed (model not traceable): bn='none' block"
         else:
-            why = dataflow.why_not.get(name)
-            note = f"no BatchNorm absorbed ({why})" if why else "no BatchNorm consumes it"
-            if placement != bn:
-                note += ": bn='none' block"
+            why = dataflow.why_not.get(name, "the conv is not called in the traced forward")
+            note = f"no BatchNorm absorbed ({why})" + (": bn='none' block" if placement != bn else "")
         plan.append((name, conv, new, bn_name, bn_module))
         g = new.geometry
         report.converted.append(ConvertedLayer(
             name=name, block=type(new).__name__, bn=placement, absorbed_bn=bn_name,
+            absorbed_bn_names=tuple(names[id(bn_module)]) if bn_module is not None else (),
             in_channels=g.in_channels, out_channels=g.out_channels, kernel_size=g.kernel_size, stride=g.stride,
             padding=g.padding, dilation=g.dilation, groups=g.groups, branches=tuple(new.branches.keys()), note=note,
         ))
@@ -257,6 +315,12 @@ def convert_model(
         if bn_module is not None:
             for alias in names[id(bn_module)]:
                 _set_module(target, alias, nn.Identity())
+    if not dataflow.traced:
+        warnings.warn(_untraceable_warning(target, dataflow.error, bn, args is not None, direct_reads),
+                      UntraceableModelWarning, stacklevel=2)
+    if args is not None:
+        output, _ = _run_example(target, args, "the converted model", watch=False)
+        report.max_abs_diff = max_output_difference(reference, output)
     target.reparam_report = report
     return (target, report) if return_report else target
 
@@ -278,11 +342,11 @@ def max_output_difference(a: Any, b: Any) -> float:
 
 
 @torch.no_grad()
-def _eval_output(model: nn.Module, probe: Tensor) -> Any:
+def _eval_output(model: nn.Module, *args: Any) -> Any:
     was_training = model.training
     model.eval()
     try:
-        return model(probe)
+        return model(*args)
     finally:
         model.train(was_training)
 
@@ -337,6 +401,21 @@ class SGSConversion(tuple):
     constants = property(lambda self: self[2])
 
 
+def _bn_slots(model: nn.Module, row: ConvertedLayer | None) -> tuple[str, ...]:
+    """Every name the BatchNorm absorbed into ``row``'s block had, if all of them still hold
+    the ``nn.Identity`` convert_model put there; else ``()``."""
+    if row is None or not row.absorbed_bn:
+        return ()
+    slots = row.absorbed_bn_names or (row.absorbed_bn,)
+    for slot in slots:
+        try:
+            if type(model.get_submodule(slot)) is not nn.Identity:
+                return ()
+        except AttributeError:
+            return ()
+    return tuple(slots)
+
+
 def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGSConversion:
     """Replace every block by the plain layer SGS trains instead, initialized to the merged
     kernel, and return ``(plain_model, masks, constants)`` (+ ``.report``).
@@ -345,10 +424,12 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
       conv without bias followed by a copy of the post-sum BN; ``bn="branch"`` blocks become
       a conv plus a BatchNorm whose eval output equals the block's (see
       ``ReparamBlock.sgs_counterpart``). When the block came from :func:`convert_model`, the
-      conv takes the block's name and the BN goes back to the slot of the absorbed BatchNorm,
-      so the plain model has the original architecture and parameter names (e.g.
-      ``layer1.0.conv1.weight`` and ``layer1.0.bn1.weight``); otherwise the block becomes a
-      :class:`ConvBN` (weight ``<block>.conv.weight``).
+      conv takes every name of the block and the BN goes back to every name the absorbed
+      BatchNorm had (aliases such as ``self.norm = self.bn`` included), so the plain model has
+      the original architecture and parameter names (e.g. ``layer1.0.conv1.weight`` and
+      ``layer1.0.bn1.weight``); otherwise (no conversion report, or a BN slot that is no
+      longer the ``nn.Identity`` convert_model left) the block becomes a :class:`ConvBN`
+      (weight ``<block>.conv.weight``) at every name.
     - ``masks`` maps each trained conv's weight name to ``G = block.sgs_mask()`` (kh, kw);
       ``constants`` maps it to the block's constant kernel ``C`` where ``C != 0`` (RepVGG's
       BN-free identity). Both feed ``attach_sgs(opt, masks, constant_kernels=constants,
@@ -378,16 +459,12 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
         if isinstance(counterpart, nn.Sequential):
             conv, bn = counterpart[0], counterpart[1]
             row = conversion.layer(name) if isinstance(conversion, ConversionReport) else None
-            slot = row.absorbed_bn if row is not None else None
-            slot_ok = False
-            if slot and len(aliases) == 1:
-                try:
-                    slot_ok = type(target.get_submodule(slot)) is nn.Identity
-                except AttributeError:
-                    slot_ok = False
-            if slot_ok:
-                _set_module(target, name, conv)
-                _set_module(target, slot, bn)
+            slots = _bn_slots(target, row)
+            if slots:
+                for alias in aliases:
+                    _set_module(target, alias, conv)
+                for slot in slots:
+                    _set_module(target, slot, bn)
                 bn.train(block.training)
                 conv.train(block.training)
             else:

@@ -21,6 +21,7 @@ class ConvertedLayer:
     groups: int
     branches: tuple[str, ...]
     note: str = ""
+    absorbed_bn_names: tuple[str, ...] = ()  # every name the absorbed BatchNorm had (aliases), absorbed_bn first
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ConversionReport:
     trace_error: str | None = None
     converted: list[ConvertedLayer] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
+    max_abs_diff: float | None = None  # max |converted - original| on example_input (eval mode); None without one
 
     def layer(self, name: str) -> ConvertedLayer | None:
         return next((row for row in self.converted if row.name == name), None)
