@@ -1,5 +1,10 @@
 """Hypothesis profiles: ``ci`` (default: bounded, derandomized, no deadline) and
-``thorough`` (many more examples); choose with REPARAM_HYPOTHESIS_PROFILE."""
+``thorough`` (many more examples); choose with REPARAM_HYPOTHESIS_PROFILE.
+
+A test that needs fewer examples than the profile writes
+``@settings(max_examples=examples(n))`` (:func:`verification.strategies.examples`): ``n`` under
+``ci`` (25 examples, :data:`~verification.strategies.BASE_EXAMPLES`), proportionally more under
+``thorough``, so the thorough run reaches every property test."""
 import os
 
 import torch

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reparam import ACBlock, DBBlock, RepVGGBlock
-from verification.strategies import BNState, blocks, bn_states, conv_configs
+from verification.strategies import BNState, blocks, bn_states, conv_configs, examples
 
 #: fusion must hold for every valid geometry, including over-padded ones
 any_block = blocks(configs=conv_configs(over_padding=True), states=bn_states())
@@ -112,7 +112,7 @@ def test_merged_kernel_is_differentiable_in_every_parameter(drawn, seed):
 
 
 @given(drawn=blocks(states=bn_states()), seed=st.integers(0, 2**16))
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_float32_fusion(drawn, seed):
     factory, config = drawn
     torch.manual_seed(seed)

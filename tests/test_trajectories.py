@@ -14,15 +14,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reparam import DBBlock
 from verification.engine import compare_trajectories
 from verification.strategies import (
+    DECOUPLED_DECAY_OPTIMIZERS,
     BlockFactory,
     ConvConfig,
+    accepts,
     adaptive_optimizers,
     blocks,
     bn_states,
     conv_configs,
+    examples,
     lr_schedules,
     sgd_optimizers,
 )
@@ -109,8 +111,10 @@ def test_adaptive_optimizers_are_exact_in_update_mode(drawn, optimizer, schedule
 
 @given(
     drawn=blocks(block_types=("repvgg",), bn=("none", "after"), configs=identity_configs, states=bn_states()),
-    optimizer=st.one_of(sgd_optimizers(weight_decay=True), adaptive_optimizers(names=("AdamW", "NAdam", "RAdam"),
-                                                                               weight_decay=True)),
+    optimizer=st.one_of(
+        sgd_optimizers(weight_decay=True),
+        adaptive_optimizers(names=[n for n in DECOUPLED_DECAY_OPTIMIZERS if n != "Adam"], weight_decay=True),
+    ),
     schedule=lr_schedules(),
     steps=steps_st,
 )
@@ -126,7 +130,7 @@ def test_repvgg_identity_with_weight_decay_is_exact(drawn, optimizer, schedule, 
 
 @given(drawn=blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=small_configs),
        optimizer=st.one_of(sgd_optimizers(), adaptive_optimizers()))
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 def test_channels_last_is_exact(drawn, optimizer):
     factory, _ = drawn
     assert_exact(run(factory, optimizer, 4, channels_last=True))
@@ -193,7 +197,7 @@ def test_adaptive_with_coupled_weight_decay_diverges_in_update_mode(drawn, optim
     optimizer=st.one_of(sgd_optimizers(lr=big_lrs), strongly_adaptive()),
     steps=steps_st,
 )
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_batchnorm_inside_branches_is_approximate(drawn, optimizer, steps):
     factory, _ = drawn
     result = run(factory, optimizer, steps)
@@ -208,7 +212,7 @@ def test_batchnorm_inside_branches_is_approximate(drawn, optimizer, steps):
     optimizer=st.one_of(sgd_optimizers(lr=big_lrs), strongly_adaptive()),
     steps=steps_st,
 )
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_dbb_mask_sum_is_approximate(config, bn, branches, optimizer, steps):
     """The SGS paper's mask-sum for DBB (non-mask branches counted as full windows)."""
     factory = BlockFactory("dbb", config, bn, dbb_branches=branches)
@@ -216,7 +220,7 @@ def test_dbb_mask_sum_is_approximate(config, bn, branches, optimizer, steps):
 
 
 @given(config=dbb_configs, optimizer=sgd_optimizers(lr=big_lrs), steps=steps_st)
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_dbb_preconditioner_beats_mask_sum(config, optimizer, steps):
     """Same DBB (no sequential branch), same SGD: P = J J^T is exact, the mask-sum is not."""
     factory = BlockFactory("dbb", config, "none", dbb_branches=("kxk", "1x1", "1x1_avg"))
@@ -228,7 +232,7 @@ def test_dbb_preconditioner_beats_mask_sum(config, optimizer, steps):
 
 
 @given(config=dbb_configs, optimizer=strongly_adaptive(), steps=steps_st)
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 def test_dbb_preconditioner_with_adaptive_optimizer_diverges(config, optimizer, steps):
     """A non-diagonal P has no element-wise update form: adaptive optimizers are not exact."""
     factory = BlockFactory("dbb", config, "none", dbb_branches=("kxk", "1x1", "1x1_avg"))
@@ -263,7 +267,7 @@ def test_channels_last_anchor(cls):
 
 # -- RAdam's warm-up and DBB's 1x1 average branch ----------------------------------------------------
 @given(drawn=mask_blocks, optimizer=strongly_adaptive(names=("RAdam",), weight_decay=False), steps=st.integers(1, 5))
-@settings(max_examples=10)
+@settings(max_examples=examples(10))
 def test_radam_warmup_is_exact_in_grad_mode(drawn, optimizer, steps):
     """RAdam's first steps (rho_t <= 5: t <= 5 for every beta2 drawn) are its un-rectified,
     SGD-with-momentum form, linear in the gradient: the SGS paper's order is exact there."""
@@ -291,9 +295,44 @@ def test_radam_warmup_with_coupled_weight_decay_is_exact_in_grad_mode():
     assert later.max_deviation["sgs"] >= FLOOR
 
 
+@pytest.mark.skipif(not accepts(torch.optim.RAdam, "decoupled_weight_decay"), reason="RAdam without decoupled decay")
 def test_radam_warmup_decoupled_decay_pulls_toward_constant_kernel():
     """RepVGG's identity (C != 0) under decoupled decay in grad mode: the branches decay
     ``W - C``, so the SGS conv must too (without the correction: ~3e-3 after 3 steps)."""
     factory = BlockFactory("repvgg", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "none")
     optimizer = functools.partial(torch.optim.RAdam, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)
     assert_exact(run(factory, optimizer, 3, mode="grad"))
+
+
+# -- the engine's own guards ------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [0, -1, True, 2.0])
+def test_steps_must_be_at_least_one(steps):
+    """With no step every side equals its start: a negative control would read "exact"."""
+    factory = BlockFactory("acb", ConvConfig(2, 2, (3, 3), input_size=(5, 5)), "none")
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        compare_trajectories(factory, functools.partial(torch.optim.Adam, lr=0.01), steps=steps, mode="grad")
+
+
+def test_comparison_disables_tf32_and_restores_it():
+    """TF32 (CUDA matmul and cuDNN conv) rounds at ~1e-3: the engine turns it off itself for
+    the duration of a comparison, whoever calls it, and restores the caller's settings."""
+    seen = []
+    inner = BlockFactory("acb", ConvConfig(2, 2, (3, 3), input_size=(5, 5)), "none")
+
+    def factory():
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return inner()
+
+    previous = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    torch.set_float32_matmul_precision("medium")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        compare_trajectories(factory, functools.partial(torch.optim.SGD, lr=0.1), steps=1)
+        assert seen == [(False, False)]
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+        with pytest.raises(ZeroDivisionError):  # restored when the comparison fails, too
+            compare_trajectories(lambda: 1 / 0, functools.partial(torch.optim.SGD, lr=0.1), steps=1)
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]

@@ -70,3 +70,69 @@ def test_verify_cli_exit_status_is_1_on_a_mismatch(tmp_path, monkeypatch):
     status = main(["verify", "--quick", "--sections", "sgs", "--blocks", "acb", "--bn", "branch",
                    "--optimizers", "sgd", "--out", str(tmp_path)])
     assert status == 1
+
+
+def test_each_case_pair_runs_both_modes():
+    """The deliberately wrong case applies the mode "auto" does not: for Adam with coupled decay
+    (no exact mode, auto falls back to grad) that is the update-mode negative control."""
+    cases = default_cases(["acb"], ["none"])
+    summary, _ = run_sgs_section(cases, steps=4)
+    for optimizer, rows in summary.groupby("optimizer"):
+        assert sorted(rows.applied_mode) == ["grad", "update"], optimizer
+    coupled = summary[(summary.optimizer == "adam-coupled-wd") & (summary["mode"] == "update")]
+    assert len(coupled) == 1 and coupled.expected.item() == coupled.observed.item() == "diverges"
+    assert "coupled weight_decay" in coupled.detail.item()
+    assert summary.match.all(), summary[["case", "expected", "observed"]]
+
+
+def test_report_says_why_sgd_is_exact_in_both_modes():
+    summary, _ = run_sgs_section(default_cases(["repvgg"], ["none"], ["sgd"]), steps=3)
+    update = summary[summary["mode"] == "update"].iloc[0]
+    assert update.expected == update.observed == "exact"
+    assert "without weight decay" in update.detail and "linear" in update.detail
+    auto = summary[summary["mode"] == "auto"].iloc[0]
+    assert auto.applied_mode == "grad" and "linear in the gradient" in auto.detail
+
+
+@pytest.mark.parametrize("steps", [0, -2])
+def test_suite_rejects_steps_below_one(steps):
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        run_sgs_section(default_cases(["acb"], ["none"], ["adam-coupled-wd"]), steps=steps)
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_verify_cli_rejects_bad_steps(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["verify", "--steps", value])
+    assert info.value.code == 2
+    assert "argument --steps: must be an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device, words", [
+    ("bogus", "'bogus' is not a torch device"),
+    ("meta", "'meta' is not usable"),
+    pytest.param("cuda", "needs a CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+])
+def test_verify_cli_unusable_device_is_a_one_line_usage_error(device, words, tmp_path, capsys):
+    status = main(["verify", "--device", device, "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert status == 2  # not 1, which means "a verdict mismatched"
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reparam verify: error: --device") and words in lines[0]
+    assert "Traceback" not in captured.err and not list(tmp_path.iterdir())
+
+
+def test_verify_cli_explicit_steps_override_quick(tmp_path, monkeypatch):
+    seen = []
+    real = suite_module.run_sgs_section
+
+    def spy(cases, steps, **kwargs):
+        seen.append(steps)
+        return real(cases[:1], steps=steps, **kwargs)
+
+    monkeypatch.setattr(suite_module, "run_sgs_section", spy)
+    base = ["verify", "--sections", "sgs", "--blocks", "acb", "--bn", "none", "--optimizers", "sgd"]
+    assert main(base + ["--quick", "--steps", "11", "--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--quick", "--out", str(tmp_path / "b")]) == 0
+    assert seen == [11, 8]
+    assert json.loads((tmp_path / "a" / "verify.json").read_text())["metadata"]["steps"] == 11

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from reparam.blocks import ReparamBlock
 from reparam.kernels import fold_batchnorm
 from reparam.sgs import NotEquivalentWarning, SpatialPreconditioner, attach_sgs
+from verification.tolerances import check_steps, full_precision
 from verification.verdicts import classify, expected_verdict, structural_exactness
 
 BlockFactory = Callable[[], ReparamBlock]
@@ -103,7 +104,31 @@ def compare_trajectories(
     where no exact mask exists; ``"preconditioner"``: ``P = J J^T``), and record after every
     step the max absolute and relative difference of the eval-mode merged kernel and bias and
     of the optimizer-visible parameters, relative to (a).
+
+    ``steps`` must be an int >= 1 (with no step every side trivially equals the start).
+    TF32 is disabled in CUDA matmuls and convolutions during the comparison (see
+    :func:`verification.tolerances.full_precision`).
     """
+    check_steps(steps, "compare_trajectories")
+    with full_precision():
+        return _compare(block_factory, optimizer_factory, steps, dtype, device, seed, mode, transform,
+                        scheduler_factory, batch_size, input_size, channels_last)
+
+
+def _compare(
+    block_factory: BlockFactory,
+    optimizer_factory: OptimizerFactory,
+    steps: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int,
+    mode: str,
+    transform: str,
+    scheduler_factory: SchedulerFactory | None,
+    batch_size: int,
+    input_size: tuple[int, int],
+    channels_last: bool,
+) -> TrajectoryResult:
     torch.manual_seed(seed)
     block = block_factory().to(device=device, dtype=dtype).train()
     sides: dict[str, nn.Module] = {}

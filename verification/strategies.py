@@ -16,11 +16,13 @@ All draws are small (channels <= 8, spatial <= 11) so that float64 properties ru
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -28,13 +30,17 @@ from reparam.blocks import ACBlock, DBBlock, DBB_BRANCHES, RepVGGBlock, ReparamB
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
+    "BASE_EXAMPLES",
     "BLOCK_TYPES",
     "BNState",
     "ConvConfig",
+    "DECOUPLED_DECAY_OPTIMIZERS",
+    "accepts",
     "adaptive_optimizers",
     "blocks",
     "bn_states",
     "conv_configs",
+    "examples",
     "lr_schedules",
     "sgd_optimizers",
 ]
@@ -43,6 +49,35 @@ BLOCK_TYPES: dict[str, type[ReparamBlock]] = {"acb": ACBlock, "repvgg": RepVGGBl
 
 #: the optimizers for which SGS in mode "update" is exact (without coupled weight decay)
 ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta")
+
+
+def accepts(optimizer_cls: type, option: str) -> bool:
+    """Whether ``optimizer_cls(...)`` takes the keyword ``option`` in the installed torch.
+
+    Feature detection for options newer than torch 2.1: ``decoupled_weight_decay`` (Adam:
+    about 2.7; NAdam, RAdam: 2.1), ``maximize`` (NAdam, RAdam: about 2.4)."""
+    try:
+        return option in inspect.signature(optimizer_cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+#: the adaptive optimizers with a decoupled weight decay in the installed torch
+DECOUPLED_DECAY_OPTIMIZERS = ("AdamW",) + tuple(
+    n for n in ("Adam", "NAdam", "RAdam") if accepts(getattr(torch.optim, n), "decoupled_weight_decay")
+)
+
+#: the example budget the per-test counts of :func:`examples` are written for (the ``ci``
+#: hypothesis profile of this project's tests)
+BASE_EXAMPLES = 25
+
+
+def examples(n: int) -> int:
+    """A per-test ``max_examples`` that scales with the active hypothesis profile: ``n`` under a
+    profile of :data:`BASE_EXAMPLES` examples, ``n * max_examples / BASE_EXAMPLES`` under a larger
+    one (e.g. 120 instead of 10 under 300), never fewer than ``n``. Evaluated when the test is
+    decorated, so load the profile first (the tests' ``conftest.py`` does)."""
+    return max(n, n * settings.default.max_examples // BASE_EXAMPLES)
 
 
 # --------------------------------------------------------------------------------------
@@ -316,7 +351,9 @@ def adaptive_optimizers(
     """A factory for one of the element-wise adaptive optimizers with drawn hyperparameters.
 
     By default (``coupled_weight_decay=False``) the only weight decay is decoupled: AdamW's,
-    and Adam / NAdam / RAdam with ``decoupled_weight_decay=True``; the others get none. With
+    and Adam / NAdam / RAdam with ``decoupled_weight_decay=True`` where the installed torch
+    has it (:data:`DECOUPLED_DECAY_OPTIMIZERS`); the others get none. ``maximize`` is drawn
+    where the optimizer takes it (:func:`accepts`). With
     ``coupled_weight_decay=True`` the optimizer is restricted to those with an L2 option and
     gets a coupled ``weight_decay > 0`` (a negative control: no SGS mode is exact).
     ``weight_decay=True/False`` forces decoupled decay on / off where it exists.
@@ -336,7 +373,10 @@ def adaptive_optimizers(
         wd = draw(st.sampled_from([0.0, 1e-2, 0.1]))
     else:
         wd = draw(st.sampled_from([1e-2, 0.1])) if weight_decay else 0.0
-    kw: dict = {"lr": lr, "maximize": draw(st.booleans())}
+    cls = getattr(torch.optim, name)
+    kw: dict = {"lr": lr}
+    if accepts(cls, "maximize"):
+        kw["maximize"] = draw(st.booleans())
     if name in ("Adam", "AdamW"):
         kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
     elif name == "Adamax":
@@ -364,7 +404,7 @@ def adaptive_optimizers(
         kw["weight_decay"] = draw(st.sampled_from([0.05, 0.1, 0.3]))
     elif name == "AdamW":
         kw["weight_decay"] = wd
-    elif name in ("Adam", "NAdam", "RAdam") and wd:
+    elif name in ("Adam", "NAdam", "RAdam") and wd and accepts(cls, "decoupled_weight_decay"):
         kw.update(weight_decay=wd, decoupled_weight_decay=True)
     return functools.partial(getattr(torch.optim, name), **kw)
 

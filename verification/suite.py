@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
+from reparam.sgs.theory import exact_mode
 from verification.engine import compare_trajectories
-from verification.tolerances import single_thread
+from verification.tolerances import check_steps, single_thread
 
 SECTION = "sgs"
 
@@ -25,13 +26,17 @@ class OptimizerCase:
     scheduler: Callable[[torch.optim.Optimizer], object] | None = None
 
     @property
-    def sgd_family(self) -> bool:
-        return self.name.startswith("sgd")
+    def auto_mode(self) -> str:
+        """The mode ``attach_sgs(mode="auto", strict=False)`` applies: the exact one, ``grad``
+        (preferred) for SGD and ``update`` for the adaptive optimizers, else the ``grad`` fallback."""
+        optimizer = self.factory([torch.nn.Parameter(torch.zeros(1))])
+        return exact_mode(optimizer, optimizer.param_groups) or "grad"
 
     @property
     def wrong_mode(self) -> str:
-        """The mode that theory does not pick: ``update`` for SGD, ``grad`` for adaptive ones."""
-        return "update" if self.sgd_family else "grad"
+        """The deliberately wrong mode: the one "auto" does not apply, so each case pair runs both
+        (for Adam with coupled decay, auto falls back to ``grad`` and the control is ``update``)."""
+        return "update" if self.auto_mode == "grad" else "grad"
 
 
 def _exp_schedule(gamma: float) -> Callable[[torch.optim.Optimizer], object]:
@@ -132,6 +137,7 @@ def run_sgs_section(
     progress: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every case; returns ``(summary, curves)`` frames (one row per case / per step and side)."""
+    check_steps(steps, "run_sgs_section")
     rows, curves = [], []
     for case in tqdm(cases, desc="sgs equivalence", unit="case", disable=not progress, leave=False):
         with single_thread():

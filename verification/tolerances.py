@@ -32,6 +32,30 @@ def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool) -> str
     return INCONCLUSIVE
 
 
+def check_steps(steps: object, where: str) -> int:
+    """``steps`` if it is an int >= 1, else ValueError naming ``where``: a trajectory of no
+    steps never moves, so every side would trivially be "exact"."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{where}: steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Disable TF32 (10-bit mantissa) in CUDA matmuls and cuDNN convolutions for the duration,
+    restoring the previous settings after: an equivalence check compares trajectories to
+    ~1e-10, far below TF32's ~1e-3 rounding. Harmless without a GPU (the flags are global)."""
+    matmul = torch.get_float32_matmul_precision()
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")  # == torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Tiny ops are dominated by intra-op threading overhead: run them on one thread."""

@@ -5,7 +5,7 @@ import torch
 
 from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
-from reparam.sgs.theory import exact_mode, inexact_reasons_for_steps
+from reparam.sgs.theory import exact_mode, inexact_reasons_for_steps, why_exact
 
 from verification.tolerances import (  # noqa: F401  (re-exported)
     APPROXIMATE,
@@ -34,7 +34,7 @@ def expected_verdict(
     block: ReparamBlock, optimizer: torch.optim.Optimizer, mode: str, transform: str = "mask", steps: int | None = None
 ) -> tuple[str, str]:
     """The verdict theory predicts for SGS training vs branched training over ``steps`` steps
-    (``None``: arbitrarily many), with the reason."""
+    (``None``: arbitrarily many), with the reason (why it is exact, or why not)."""
     exact_struct, reasons = structural_exactness(block, transform)
     if not exact_struct:
         return APPROXIMATE, "; ".join(reasons)
@@ -42,7 +42,9 @@ def expected_verdict(
     groups = optimizer.param_groups
     chosen = mode if mode != "auto" else (exact_mode(optimizer, groups, nondiagonal) or "grad")
     reason = inexact_reasons_for_steps(optimizer, groups, steps if steps is not None else 1 << 30, nondiagonal)[chosen]
-    return (EXACT, f"mode {chosen!r} is exact for {type(optimizer).__name__}") if reason is None else (DIVERGES, reason)
+    if reason is None:
+        return EXACT, why_exact(optimizer, groups, chosen, steps)
+    return DIVERGES, reason
 
 
 def _is_diagonal(matrix: torch.Tensor) -> bool:

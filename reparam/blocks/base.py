@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.blocks.branches import Branch
+from reparam.blocks.branches import Branch, Factory
 from reparam.blocks.geometry import ConvGeometry, IntPair
 from reparam.errors import ConfigError, NotMaskEquivalent
 from reparam.kernels import fold_batchnorm
@@ -21,7 +21,9 @@ MODES = ("branched", "merged")
 class ReparamBlock(nn.Module):
     """A conv layer trained as a sum of branches and deployable as one ``nn.Conv2d``.
 
-    The constructor mirrors ``nn.Conv2d``. ``bn`` places normalization:
+    The constructor mirrors ``nn.Conv2d`` (including the ``device`` / ``dtype`` factory
+    arguments; ``padding`` may be ints, None for ``dilation * (k // 2)``, ``"same"`` at
+    stride 1 or ``"valid"``). ``bn`` places normalization:
     ``"branch"`` (a BatchNorm inside every branch, as in the original papers), ``"after"``
     (one BatchNorm after the sum) or ``"none"`` (a bias on the merged conv).
     In ``mode="merged"`` (only for ``bn`` "none"/"after", where the block is linear in its
@@ -35,12 +37,14 @@ class ReparamBlock(nn.Module):
         out_channels: int,
         kernel_size: IntPair,
         stride: IntPair = 1,
-        padding: IntPair | None = None,
+        padding: IntPair | str | None = None,
         dilation: IntPair = 1,
         groups: int = 1,
         bn: BNPlacement = "branch",
         mode: str = "branched",
         padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -55,13 +59,16 @@ class ReparamBlock(nn.Module):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, block=name
         )
         self.bn = bn
-        self.branches = nn.ModuleDict(self._make_branches(self.geometry, bn == "branch"))
-        self.post_bn = nn.BatchNorm2d(out_channels) if bn == "after" else None
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bn == "none" else None
+        factory = {"device": device, "dtype": dtype}
+        self.branches = nn.ModuleDict(self._make_branches(self.geometry, bn == "branch", factory))
+        channels = self.geometry.out_channels
+        self.post_bn = nn.BatchNorm2d(channels, **factory) if bn == "after" else None
+        self.bias = nn.Parameter(torch.zeros(channels, **factory)) if bn == "none" else None
         self.mode = mode
 
     # -- construction hooks -------------------------------------------------------------
-    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool) -> dict[str, Branch]:
+    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool, factory: Factory) -> dict[str, Branch]:
+        """The branches, their parameters and buffers created with ``factory`` (device, dtype)."""
         raise NotImplementedError
 
     # -- nn.Conv2d-like attributes ------------------------------------------------------

@@ -4,6 +4,8 @@ spatial Jacobian, constant part)."""
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -14,16 +16,26 @@ from reparam.errors import NotMaskEquivalent
 from reparam.kernels import centre_pad, fold_batchnorm, identity_kernel, merge_1x1_then_kxk, window_mask
 
 
-def _optional_bn(channels: int, enabled: bool) -> nn.BatchNorm2d | None:
-    return nn.BatchNorm2d(channels) if enabled else None
+#: ``nn.Conv2d``-style factory keyword arguments: ``{"device": ..., "dtype": ...}``
+Factory = Mapping[str, Any]
+NO_FACTORY: Factory = MappingProxyType({})
+
+
+def _optional_bn(channels: int, enabled: bool, factory: Factory) -> nn.BatchNorm2d | None:
+    return nn.BatchNorm2d(channels, **factory) if enabled else None
+
+
+def _dense(factory: Factory) -> dict[str, Any]:
+    """Factory kwargs for a constant kernel: the default dtype when none is given."""
+    return {"device": factory.get("device"), "dtype": factory.get("dtype") or torch.get_default_dtype()}
 
 
 def _maybe_fold(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
     return (weight, bias) if bn is None else fold_batchnorm(weight, bias, bn)
 
 
-def _kaiming_weight(shape: tuple[int, ...]) -> nn.Parameter:
-    weight = torch.empty(shape)
+def _kaiming_weight(shape: tuple[int, ...], factory: Factory) -> nn.Parameter:
+    weight = torch.empty(shape, **factory)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     return nn.Parameter(weight)
 
@@ -37,15 +49,24 @@ def _align(x: Tensor, padding: tuple[int, int]) -> tuple[Tensor, tuple[int, int]
 
 
 def _pad_with_zero_response(y: Tensor, pre: Tensor, bn: nn.BatchNorm2d, padding: tuple[int, int]) -> Tensor:
-    """Pad ``y = bn(pre)`` with what ``bn`` outputs for a zero input (``beta - mu gamma / sigma``),
-    so that a following KxK conv sees the same ring as if the 1x1 stage ran on a zero-padded input."""
+    """Pad ``y = bn(pre)`` with what ``bn`` outputs for a zero input, ``beta - mu gamma / sigma``,
+    so that a following KxK conv sees the same ring as if the 1x1 stage ran on a zero-padded input.
+
+    In training ``mu`` and ``sigma = sqrt(var + eps)`` are the batch statistics of ``pre`` (the
+    biased variance BatchNorm normalizes with). The ring is a function of ``pre`` like every other
+    output of ``bn``, so it stays in the autograd graph: gradients reach the 1x1 weights through
+    it, not only ``gamma`` and ``beta``. In eval the running statistics make it the constant that
+    fusion folds into the bias.
+    """
+    ph, pw = padding
+    if not (ph or pw):
+        return y
     if bn.training or bn.running_mean is None:
-        var, mean = torch.var_mean(pre.detach(), dim=(0, 2, 3), unbiased=False)
+        var, mean = torch.var_mean(pre, dim=(0, 2, 3), unbiased=False)
     else:
         var, mean = bn.running_var, bn.running_mean
     scale = bn.weight / torch.sqrt(var + bn.eps) if bn.weight is not None else 1 / torch.sqrt(var + bn.eps)
     value = -mean * scale + (bn.bias if bn.bias is not None else 0)
-    ph, pw = padding
     n, c, h, w = y.shape
     out = value.to(y.dtype).reshape(1, c, 1, 1).expand(n, c, h + 2 * ph, w + 2 * pw).clone()
     out[:, :, ph : ph + h, pw : pw + w] = y
@@ -100,12 +121,14 @@ class ConvBranch(Branch):
     """A ``window`` conv (e.g. KxK, 1xK, Kx1, 1x1) centred in the block's kernel, optionally
     followed by its own BatchNorm. Its kernel is ``M ⊙ W`` for the binary window mask ``M``."""
 
-    def __init__(self, geometry: ConvGeometry, window: tuple[int, int], bn: bool, label: str) -> None:
+    def __init__(
+        self, geometry: ConvGeometry, window: tuple[int, int], bn: bool, label: str, factory: Factory = NO_FACTORY
+    ) -> None:
         super().__init__(geometry)
         self.window = window
         self.label = label
-        self.weight = _kaiming_weight((geometry.out_channels, geometry.in_channels // geometry.groups, *window))
-        self.bn = _optional_bn(geometry.out_channels, bn)
+        self.weight = _kaiming_weight((geometry.out_channels, geometry.in_channels // geometry.groups, *window), factory)
+        self.bn = _optional_bn(geometry.out_channels, bn, factory)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.geometry
@@ -132,12 +155,12 @@ class IdentityBranch(Branch):
 
     label = "identity"
 
-    def __init__(self, geometry: ConvGeometry, bn: bool) -> None:
+    def __init__(self, geometry: ConvGeometry, bn: bool, factory: Factory = NO_FACTORY) -> None:
         super().__init__(geometry)
-        self.bn = _optional_bn(geometry.out_channels, bn)
+        self.bn = _optional_bn(geometry.out_channels, bn, factory)
         self.register_buffer(
             "identity",
-            identity_kernel(geometry.out_channels, geometry.groups, geometry.kernel_size),
+            identity_kernel(geometry.out_channels, geometry.groups, geometry.kernel_size, **_dense(factory)),
             persistent=False,
         )
 
@@ -167,13 +190,13 @@ class SequentialBranch(Branch):
 
     label = "1x1-kxk"
 
-    def __init__(self, geometry: ConvGeometry, bn: bool) -> None:
+    def __init__(self, geometry: ConvGeometry, bn: bool, factory: Factory = NO_FACTORY) -> None:
         super().__init__(geometry)
         mid = geometry.in_channels
-        self.first = nn.Parameter(identity_kernel(mid, geometry.groups, (1, 1)))
-        self.first_bn = _optional_bn(mid, bn)
-        self.second = _kaiming_weight((geometry.out_channels, mid // geometry.groups, *geometry.kernel_size))
-        self.second_bn = _optional_bn(geometry.out_channels, bn)
+        self.first = nn.Parameter(identity_kernel(mid, geometry.groups, (1, 1), **_dense(factory)))
+        self.first_bn = _optional_bn(mid, bn, factory)
+        self.second = _kaiming_weight((geometry.out_channels, mid // geometry.groups, *geometry.kernel_size), factory)
+        self.second_bn = _optional_bn(geometry.out_channels, bn, factory)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.geometry
@@ -210,11 +233,11 @@ class AverageBranch(Branch):
 
     label = "1x1-avg"
 
-    def __init__(self, geometry: ConvGeometry, bn: bool) -> None:
+    def __init__(self, geometry: ConvGeometry, bn: bool, factory: Factory = NO_FACTORY) -> None:
         super().__init__(geometry)
-        self.first = _kaiming_weight((geometry.out_channels, geometry.in_channels // geometry.groups, 1, 1))
-        self.first_bn = _optional_bn(geometry.out_channels, bn)
-        self.second_bn = _optional_bn(geometry.out_channels, bn)
+        self.first = _kaiming_weight((geometry.out_channels, geometry.in_channels // geometry.groups, 1, 1), factory)
+        self.first_bn = _optional_bn(geometry.out_channels, bn, factory)
+        self.second_bn = _optional_bn(geometry.out_channels, bn, factory)
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.geometry

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from reparam.blocks.base import ReparamBlock
-from reparam.blocks.branches import AverageBranch, Branch, ConvBranch, SequentialBranch
+from reparam.blocks.branches import AverageBranch, Branch, ConvBranch, Factory, SequentialBranch
 from reparam.blocks.geometry import ConvGeometry
 from reparam.errors import ConfigError
 
@@ -27,11 +27,11 @@ class DBBlock(ReparamBlock):
         self._branch_names = tuple(b for b in DBB_BRANCHES if b in branches)
         super().__init__(*args, **kwargs)
 
-    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool) -> dict[str, Branch]:
+    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool, factory: Factory) -> dict[str, Branch]:
         makers = {
-            "kxk": lambda: ConvBranch(geometry, geometry.kernel_size, branch_bn, "kxk"),
-            "1x1": lambda: ConvBranch(geometry, (1, 1), branch_bn, "1x1"),
-            "1x1_kxk": lambda: SequentialBranch(geometry, branch_bn),
-            "1x1_avg": lambda: AverageBranch(geometry, branch_bn),
+            "kxk": lambda: ConvBranch(geometry, geometry.kernel_size, branch_bn, "kxk", factory),
+            "1x1": lambda: ConvBranch(geometry, (1, 1), branch_bn, "1x1", factory),
+            "1x1_kxk": lambda: SequentialBranch(geometry, branch_bn, factory),
+            "1x1_avg": lambda: AverageBranch(geometry, branch_bn, factory),
         }
         return {name: makers[name]() for name in self._branch_names}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from reparam.blocks.base import ReparamBlock
-from reparam.blocks.branches import Branch, ConvBranch, IdentityBranch
+from reparam.blocks.branches import Branch, ConvBranch, Factory, IdentityBranch
 from reparam.blocks.geometry import ConvGeometry
 
 
@@ -13,11 +13,11 @@ class RepVGGBlock(ReparamBlock):
     constant kernel ``C`` returned by :meth:`constant_kernel`.
     """
 
-    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool) -> dict[str, Branch]:
+    def _make_branches(self, geometry: ConvGeometry, branch_bn: bool, factory: Factory) -> dict[str, Branch]:
         branches: dict[str, Branch] = {
-            "kxk": ConvBranch(geometry, geometry.kernel_size, branch_bn, "kxk"),
-            "1x1": ConvBranch(geometry, (1, 1), branch_bn, "1x1"),
+            "kxk": ConvBranch(geometry, geometry.kernel_size, branch_bn, "kxk", factory),
+            "1x1": ConvBranch(geometry, (1, 1), branch_bn, "1x1", factory),
         }
         if geometry.in_channels == geometry.out_channels and geometry.stride == (1, 1):
-            branches["identity"] = IdentityBranch(geometry, branch_bn)
+            branches["identity"] = IdentityBranch(geometry, branch_bn, factory)
         return branches

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -9,6 +10,34 @@ import pandas as pd
 import torch
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DEFAULT_STEPS, QUICK_STEPS = 20, 8
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def device_problem(name: str) -> str | None:
+    """Why ``name`` cannot be used as a torch device here (None if it can): an unknown device
+    string, CUDA without a GPU, a device index out of range, ..."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as err:
+        return f"{name!r} is not a torch device ({str(err).splitlines()[0]})"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"{name!r} needs a CUDA GPU, but torch.cuda.is_available() is False here; use --device cpu"
+    try:
+        torch.zeros(1, device=device).cpu()  # allocate there and read back (fails for meta too)
+    except Exception as err:  # noqa: BLE001 - any backend failure means the device is unusable
+        return f"{name!r} is not usable here ({str(err).strip().splitlines()[0]})"
+    return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,11 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bn", nargs="+", choices=list(BN_PLACEMENTS), help="BN placements (default: all)")
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_NAMES), help="optimizers (default: all)")
     parser.add_argument("--sections", nargs="+", choices=["sgs", "pgt"], default=["sgs", "pgt"])
-    parser.add_argument("--steps", type=int, default=20, help="training steps per case (default 20)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"training steps per case, >= 1 (default {DEFAULT_STEPS}; overrides --quick)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float64")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="8 steps per case")
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per case (unless --steps is given)")
     parser.add_argument("--out", type=Path, default=Path("reports/verify"), help="report folder (default reports/verify)")
     parser.set_defaults(handler=run)
 
@@ -43,19 +73,24 @@ def _sections(args: argparse.Namespace, dtype: torch.dtype, steps: int):
     if "pgt" in args.sections:
         from verification.pgt import run_pgt_section
 
-        yield run_pgt_section(steps=steps, dtype=dtype, device=args.device, seed=args.seed, quick=args.quick, progress=True)
+        quick = args.quick and args.steps is None  # an explicit --steps wins over --quick
+        yield run_pgt_section(steps=steps, dtype=dtype, device=args.device, seed=args.seed, quick=quick, progress=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status: 0 every verdict as expected, 1 a verdict mismatched, 2 a usage error."""
     from verification.report import SUMMARY_COLUMNS, plot_deviation, verdict_grid, write_tables
+    from verification.tolerances import full_precision
 
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+    problem = device_problem(args.device)
+    if problem is not None:
+        print(f"reparam verify: error: --device {problem}", file=sys.stderr)
+        return 2
     dtype = DTYPES[args.dtype]
-    steps = 8 if args.quick else args.steps
+    steps = args.steps if args.steps is not None else (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     start = time.perf_counter()
-    parts = list(_sections(args, dtype, steps))
+    with full_precision():  # no TF32 on GPU, for every section
+        parts = list(_sections(args, dtype, steps))
     summary = pd.concat([p[0] for p in parts], ignore_index=True)
     curves = pd.concat([p[1] for p in parts], ignore_index=True)
     elapsed = time.perf_counter() - start

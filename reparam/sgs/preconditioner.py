@@ -28,10 +28,22 @@ class SpatialPreconditioner:
     def is_diagonal(self) -> bool:
         return bool(torch.equal(self.matrix, torch.diag(torch.diagonal(self.matrix))))
 
-    def apply_(self, grad: Tensor) -> Tensor:
-        """Replace ``grad`` (shape ``(out, in/g, kh, kw)``) by ``P`` applied over its taps."""
-        flat = grad.reshape(-1, self.taps)
-        grad.copy_((flat @ self.matrix.to(grad.dtype).T).reshape(grad.shape))
+    def apply_(self, grad: Tensor, workspace: Tensor | None = None) -> Tensor:
+        """Replace ``grad`` (shape ``(out, in/g, kh, kw)``) by ``P`` applied over its taps:
+        every row of the ``(out * in/g, kh*kw)`` view becomes ``P vec(g[o, i])``, i.e. the view
+        is replaced by ``view @ P^T``.
+
+        ``workspace`` (any tensor of ``grad.numel()`` elements, ``grad``'s dtype and device)
+        receives the product before it is copied back; with it and a contiguous ``grad`` whose
+        dtype/device match the matrix's, nothing is allocated. Without it one temporary is.
+        """
+        flat = grad.reshape(-1, self.taps)  # a view when grad is contiguous
+        matrix = self.matrix
+        if matrix.dtype != grad.dtype or matrix.device != grad.device:
+            matrix = matrix.to(device=grad.device, dtype=grad.dtype)
+        out = torch.empty_like(flat) if workspace is None else workspace.view(flat.shape)
+        torch.matmul(flat, matrix.T, out=out)
+        grad.copy_(out.view(grad.shape))
         return grad
 
 

@@ -11,6 +11,9 @@
   RMSprop, Adadelta without coupled weight decay (decoupled decay stays unscaled and pulls
   toward ``C``), and for SGD without weight decay. A non-diagonal preconditioner has no
   element-wise form.
+
+Optimizers are classified by their exact type: a subclass (e.g. a LARS / LAMB-like
+``SGD`` or ``Adam`` subclass) may change the update rule, so it is treated as unknown.
 """
 from __future__ import annotations
 
@@ -45,11 +48,30 @@ def decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> float:
     return float(group.get("weight_decay", 0.0) or 0.0) if has_decoupled_decay(optimizer, group) else 0.0
 
 
+def _family(optimizer: torch.optim.Optimizer) -> str | None:
+    """``"sgd"``, ``"adaptive"`` or None, by exact type (never by ``isinstance``)."""
+    cls = type(optimizer)
+    return "sgd" if cls in SGD_FAMILY else "adaptive" if cls in ELEMENTWISE_ADAPTIVE else None
+
+
+def _unknown_reason(optimizer: torch.optim.Optimizer) -> str:
+    name = type(optimizer).__name__
+    known = f"SGD (mode 'grad') and {', '.join(c.__name__ for c in ELEMENTWISE_ADAPTIVE)} (mode 'update')"
+    base = next((c for c in SGD_FAMILY + ELEMENTWISE_ADAPTIVE if isinstance(optimizer, c)), None)
+    if base is not None:
+        return (
+            f"{name} is a subclass of {base.__name__}: a subclass may change the update rule (e.g. "
+            f"LARS / LAMB trust ratios), so exactness is known only for the exact classes {known}"
+        )
+    return f"{name} is not a supported optimizer: exactness is known for {known}"
+
+
 def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> dict[str, str | None]:
     """For each mode, ``None`` if it is exact for ``optimizer`` on ``groups``, else the reason."""
     name = type(optimizer).__name__
     coupled = [coupled_decay(optimizer, g) for g in groups]
-    if isinstance(optimizer, SGD_FAMILY):
+    family = _family(optimizer)
+    if family == "sgd":
         grad = None
         update = (
             None
@@ -57,7 +79,7 @@ def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondia
             else f"{name} with weight_decay adds wd*W to the gradient before its update; scaling the update "
             "scales that decay too, while each branch decays only its own parameters"
         )
-    elif isinstance(optimizer, ELEMENTWISE_ADAPTIVE):
+    elif family == "adaptive":
         grad = (
             f"{name} is not linear in the gradient: scaling the gradient before it changes its adaptive "
             "normalization instead of the step each branch makes"
@@ -69,10 +91,7 @@ def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondia
             "parameters inside the adaptive update; no mode is exact (use decoupled decay, e.g. AdamW)"
         )
     else:
-        reason = (
-            f"{name} is not a supported optimizer: exactness is known for SGD (mode 'grad') and for "
-            f"{', '.join(c.__name__ for c in ELEMENTWISE_ADAPTIVE)} (mode 'update')"
-        )
+        reason = _unknown_reason(optimizer)
         return {"grad": reason, "update": reason}
     if nondiagonal and update is None:
         update = "a non-diagonal preconditioner P = J J^T has no element-wise update form"
@@ -90,6 +109,10 @@ def radam_first_rectified_step(beta2: float) -> int:
     return t
 
 
+def _radam_warmup(optimizer: torch.optim.Optimizer, groups: list[dict], steps: int) -> bool:
+    return type(optimizer) is torch.optim.RAdam and steps < min(radam_first_rectified_step(g["betas"][1]) for g in groups)
+
+
 def inexact_reasons_for_steps(
     optimizer: torch.optim.Optimizer, groups: list[dict], steps: int, nondiagonal: bool = False
 ) -> dict[str, str | None]:
@@ -98,13 +121,39 @@ def inexact_reasons_for_steps(
     so ``"grad"`` is exact there, with coupled decay (``G g + wd (W - C)``, as for SGD) and with
     decoupled decay (applied unscaled and pulled toward ``C`` by the grad-mode hooks)."""
     reasons = inexact_reasons(optimizer, groups, nondiagonal)
-    if (
-        isinstance(optimizer, torch.optim.RAdam)
-        and reasons["grad"] is not None
-        and steps < min(radam_first_rectified_step(g["betas"][1]) for g in groups)
-    ):
+    if reasons["grad"] is not None and _radam_warmup(optimizer, groups, steps):
         reasons["grad"] = None
     return reasons
+
+
+def why_exact(optimizer: torch.optim.Optimizer, groups: list[dict], mode: str, steps: int | None = None) -> str:
+    """Why ``mode`` reproduces branched training exactly for this optimizer (the caller has
+    checked with :func:`inexact_reasons_for_steps` that it does)."""
+    name = type(optimizer).__name__
+    family = _family(optimizer)
+    if mode == "grad" and family == "sgd":
+        return (
+            f"mode 'grad' is exact for {name}: its step is linear in the gradient history, so scaling every "
+            "gradient by G (coupled decay pulled toward C) is the step the branches make"
+        )
+    if mode == "update" and family == "sgd":
+        return (
+            f"mode 'update' is exact for {name} without weight decay: its step is -lr times a linear "
+            "combination of past gradients (momentum, dampening, Nesterov), so scaling the step by G is "
+            "the same as scaling every gradient by G"
+        )
+    if mode == "update":
+        return (
+            f"mode 'update' is exact for {name}: its step is element-wise, and every branch covering a tap "
+            "gets the same gradient there, keeps the same state and makes the same step, so the merged "
+            "kernel moves by G times that step (decoupled decay unscaled, toward C)"
+        )
+    if steps is not None and _radam_warmup(optimizer, groups, steps):
+        return (
+            f"mode 'grad' is exact for {name} over {steps} steps: before its first rectified step RAdam is "
+            "bias-corrected momentum, linear in the gradient (as SGD)"
+        )
+    return f"mode {mode!r} is exact for {name}"
 
 
 def exact_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str | None:
