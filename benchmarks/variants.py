@@ -132,24 +132,6 @@ def _count_blocks(model: nn.Module) -> int:
     return sum(isinstance(m, ReparamBlock) for m in model.modules())
 
 
-def _tensor_bytes(values) -> int:
-    """Bytes of the distinct storages behind ``values`` (expanded masks count once)."""
-    seen, total = set(), 0
-    for v in values:
-        t = getattr(v, "matrix", v)  # SpatialPreconditioner -> its matrix
-        if not isinstance(t, torch.Tensor):
-            continue
-        try:
-            key = (t.untyped_storage().data_ptr(), t.device)
-            size = t.untyped_storage().nbytes()
-        except Exception:  # pragma: no cover
-            key, size = id(t), t.numel() * t.element_size()
-        if key not in seen:
-            seen.add(key)
-            total += size
-    return total
-
-
 def build_variant(
     name: str,
     model_factory: Callable[[], nn.Module],
@@ -190,13 +172,8 @@ def build_variant(
         handle = attach_sgs(optimizer, masks, mode=option, constant_kernels=constants or None, model=model)
         # masks/constants now live (cast, on device) inside the handle; the snapshot of the
         # masked weights is allocated once in update mode.
-        masked = handle.parameters
-        info["masked_params"] = len(masked)
-        state = _tensor_bytes(torch.as_tensor(m) if not hasattr(m, "matrix") else m for m in masks.values())
-        state += _tensor_bytes(constants.values()) if constants else 0
-        if handle.mode == "update":
-            state += sum(p.numel() * p.element_size() for p in masked)
-        info["sgs_state_bytes"] = state
+        info["masked_params"] = len(handle.parameters)
+        info["sgs_state_bytes"] = handle.state_bytes
     info["params"] = sum(p.numel() for p in model.parameters())
     info["trainable_params"] = sum(p.numel() for p in params)
     return Variant(name, model, optimizer, handle, info)
