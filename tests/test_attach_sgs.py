@@ -30,6 +30,15 @@ def backward(conv: nn.Module, seed: int = 1) -> None:
     torch.tanh(conv(x)).pow(2).sum().backward()
 
 
+def raw_gradient_then_step(conv: nn.Module, opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward, then one step: returns the weight before it and the raw (unscaled) gradient."""
+    backward(conv)
+    g = conv.weight.grad.clone()
+    before = conv.weight.detach().clone()
+    opt.step()
+    return before, g
+
+
 def test_grad_mode_scales_the_gradient_exactly():
     conv = make_conv()
     opt = torch.optim.SGD(conv.parameters(), lr=1.0)
@@ -108,10 +117,7 @@ def test_grad_mode_constant_kernel_weight_decay(maximize):
     c = reparam.RepVGGBlock(4, 4, 3, bn="none").constant_kernel().double()
     opt = torch.optim.SGD(conv.parameters(), lr=lr, weight_decay=wd, maximize=maximize)
     attach_sgs(opt, {conv.weight: G}, constant_kernels={conv.weight: c})
-    backward(conv)
-    g = conv.weight.grad.clone()
-    before = conv.weight.detach().clone()
-    opt.step()
+    before, g = raw_gradient_then_step(conv, opt)
     direction = (-g if maximize else g) * G
     expected = before - lr * (direction + wd * (before - c))
     torch.testing.assert_close(conv.weight.detach(), expected, rtol=0, atol=1e-15)
@@ -273,10 +279,7 @@ def test_nondiagonal_preconditioner_grad_only():
     p = SpatialPreconditioner(matrix)
     opt = torch.optim.SGD(conv.parameters(), lr=1.0)
     attach_sgs(opt, {conv.weight: p})
-    backward(conv)
-    g = conv.weight.grad.clone()
-    before = conv.weight.detach().clone()
-    opt.step()
+    before, g = raw_gradient_then_step(conv, opt)
     expected = before - (g.reshape(-1, 9) @ matrix.T).reshape(g.shape)
     torch.testing.assert_close(conv.weight.detach(), expected, rtol=0, atol=1e-14)
     with pytest.raises(reparam.NotEquivalent, match="non-diagonal"):
@@ -391,10 +394,7 @@ def test_masks_broadcastable_to_the_weight_are_accepted(shape):
     mask = 1 + torch.rand(shape, generator=gen, dtype=torch.float64)
     opt = torch.optim.SGD(conv.parameters(), lr=1.0)
     attach_sgs(opt, {conv.weight: mask})
-    backward(conv)
-    g = conv.weight.grad.clone()
-    before = conv.weight.detach().clone()
-    opt.step()
+    before, g = raw_gradient_then_step(conv, opt)
     assert torch.equal(conv.weight.detach(), before - mask * g)
 
 
