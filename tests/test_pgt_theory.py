@@ -244,3 +244,10 @@ def test_uniform_is_a_fixed_point(c):
     for alpha in (0.0, 0.3, 1.0):
         assert torch.allclose(power_transform(p, alpha), p, rtol=1e-13, atol=0)
         assert math.isclose(float(stationary_threshold(p, alpha)), 1.0 / c, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_threshold_normalizes_in_float64(alpha):
+    """Unnormalized float16 weights whose sum overflows float16 (was NaN)."""
+    t = stationary_threshold(torch.tensor([40000.0, 40000.0], dtype=torch.float16), alpha)
+    assert t.dtype == torch.float16 and float(t) == 0.5

@@ -12,6 +12,7 @@ several alphas are shown as given, always with alpha = 1 (the original distribut
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from typing import Any
 
@@ -68,7 +69,7 @@ def _plot(p: "Any", curves: dict[float, "Any"], path: str) -> None:
     order = np.argsort(-p.numpy())
     classes = np.arange(1, p.numel() + 1)
     fig, (ax_u, ax_r) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    others = iter(COLOURS * (1 + len(curves) // len(COLOURS)))
+    others = itertools.cycle(COLOURS)
     for alpha in sorted(curves, reverse=True):
         values = curves[alpha].numpy()
         style = {"color": "black", "linewidth": 2.2} if alpha == 1.0 else {"color": next(others)}
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"reparam pgt: error: {err}", file=sys.stderr)
         return 2
-    shown = set(alphas) | (set(REFERENCE_ALPHAS) if len(set(alphas)) == 1 else {1.0})
+    shown = set(alphas)
+    shown |= set(REFERENCE_ALPHAS) if len(shown) == 1 else {1.0}
     curves = {a: power_transform(p, a) for a in sorted(shown, reverse=True)}
     header = f"{'alpha':>6} {'threshold':>10} {'max p':>8} {'min p':>8} {'entropy':>8}"
     print(f"PowerGrad Transform of a distribution over C = {p.numel()} classes (uniform 1/C = {1 / p.numel():.4f})")

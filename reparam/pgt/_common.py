@@ -29,9 +29,7 @@ def check_alpha(alpha: AlphaLike) -> float:
                 "alpha is a tensor that requires grad, but PGT treats alpha as a fixed hyperparameter "
                 "and gives it no gradient; pass alpha.item() (or alpha.detach())"
             )
-        if alpha.dtype == torch.bool or alpha.is_complex():
-            raise ValueError(f"alpha must be a real number in [0, 1], got a {alpha.dtype} tensor")
-        alpha = alpha.item()
+        alpha = alpha.item()  # bool / complex tensors give a bool / complex: rejected below
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise ValueError(f"alpha must be a real number in [0, 1], got {type(alpha).__name__} {alpha!r}")
     value = float(alpha)

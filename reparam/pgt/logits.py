@@ -303,17 +303,16 @@ class _PowerGradLogitsFn(torch.autograd.Function):
         ctx.alpha = alpha
         ctx.check = check
         ctx.rtol = rtol
-        ctx.scale = scale
-        ctx.save_for_backward(logits)
+        ctx.save_for_backward(logits, scale)
         return logits.view_as(logits)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         if ctx.alpha == 1.0:
             return grad, None, None, None, None
-        (logits,) = ctx.saved_tensors
+        logits, scale = ctx.saved_tensors
         with torch.no_grad():
-            out = _transform(logits, grad, ctx.alpha, ctx.scale, ctx.check, ctx.rtol)
+            out = _transform(logits, grad, ctx.alpha, scale, ctx.check, ctx.rtol)
         if torch.is_grad_enabled():  # create_graph=True: make a later derivative raise clearly
             out = _NoDoubleBackward.apply(out, logits, grad)
         return out, None, None, None, None

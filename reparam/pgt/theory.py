@@ -73,20 +73,19 @@ def stationary_threshold(p: Tensor, alpha: AlphaLike) -> Tensor:
     """
     alpha = check_alpha(alpha)
     p = _as_probs(p)
-    total = p.sum(dim=-1)
+    x = p.to(torch.float64)
+    total = x.sum(dim=-1)
     if bool((total <= 0).any()):
         raise ValueError("p must have a positive sum along the class dimension")
-    x = p.to(torch.float64)
     support = x > 0
-    logp = torch.log(x) - torch.log(total.to(torch.float64)).unsqueeze(-1)
-    neg_inf = torch.full_like(x, -math.inf)
+    logp = torch.log(x) - torch.log(total).unsqueeze(-1)
     if alpha == 1.0:
         log_t = torch.where(support, torch.exp(logp) * logp, torch.zeros_like(x)).sum(dim=-1)
     else:
         t = 1.0 - alpha
         tx = t * (-logp).clamp_min(0.0)
-        log_terms = torch.where(support, logp + tx + torch.log(-torch.expm1(-tx)), neg_inf)
-        log_t = -torch.logaddexp(torch.zeros_like(total, dtype=torch.float64), torch.logsumexp(log_terms, dim=-1)) / t
+        log_terms = torch.where(support, logp + tx + torch.log(-torch.expm1(-tx)), torch.full_like(x, -math.inf))
+        log_t = -torch.logaddexp(torch.zeros_like(total), torch.logsumexp(log_terms, dim=-1)) / t
     return torch.exp(log_t).to(p.dtype)
 
 

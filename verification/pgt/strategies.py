@@ -49,8 +49,8 @@ def distributions(
     c = draw(st.integers(min_classes, max_classes))
     logits = draw(st.lists(st.floats(-1.0, 1.0, allow_nan=False), min_size=c, max_size=c))
     shape = draw(st.sampled_from(SHAPES)) if extreme else "smooth"
-    top = 1500.0 if shape == "peaked" else spread
-    temperature = draw(st.floats(0.0 if shape != "peaked" else spread, top, allow_nan=False))
+    low, high = (spread, 1500.0) if shape == "peaked" else (0.0, spread)
+    temperature = draw(st.floats(low, high, allow_nan=False))
     z = torch.tensor(logits, dtype=torch.float64) * temperature
     if draw(st.booleans()) and c > 2:  # force a tie between two classes
         z[1] = z[0]
