@@ -84,6 +84,7 @@ def _loss(output: Tensor, target: Tensor) -> Tensor:
     return (torch.tanh(output) - target).pow(2).mean()
 
 
+@full_precision()  # a fresh context for every call
 def compare_trajectories(
     block_factory: BlockFactory,
     optimizer_factory: OptimizerFactory,
@@ -110,25 +111,6 @@ def compare_trajectories(
     :func:`verification.tolerances.full_precision`).
     """
     check_steps(steps, "compare_trajectories")
-    with full_precision():
-        return _compare(block_factory, optimizer_factory, steps, dtype, device, seed, mode, transform,
-                        scheduler_factory, batch_size, input_size, channels_last)
-
-
-def _compare(
-    block_factory: BlockFactory,
-    optimizer_factory: OptimizerFactory,
-    steps: int,
-    dtype: torch.dtype,
-    device: str | torch.device,
-    seed: int,
-    mode: str,
-    transform: str,
-    scheduler_factory: SchedulerFactory | None,
-    batch_size: int,
-    input_size: tuple[int, int],
-    channels_last: bool,
-) -> TrajectoryResult:
     torch.manual_seed(seed)
     block = block_factory().to(device=device, dtype=dtype).train()
     sides: dict[str, nn.Module] = {}

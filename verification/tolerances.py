@@ -32,6 +32,10 @@ def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool) -> str
     return INCONCLUSIVE
 
 
+#: trajectory lengths of ``reparam verify``: the default and ``--quick``
+DEFAULT_STEPS, QUICK_STEPS = 20, 8
+
+
 def check_steps(steps: object, where: str) -> int:
     """``steps`` if it is an int >= 1, else ValueError naming ``where``: a trajectory of no
     steps never moves, so every side would trivially be "exact"."""

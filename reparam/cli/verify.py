@@ -9,8 +9,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS
+
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-DEFAULT_STEPS, QUICK_STEPS = 20, 8
 
 
 def _positive_int(text: str) -> int:
@@ -73,8 +74,8 @@ def _sections(args: argparse.Namespace, dtype: torch.dtype, steps: int):
     if "pgt" in args.sections:
         from verification.pgt import run_pgt_section
 
-        quick = args.quick and args.steps is None  # an explicit --steps wins over --quick
-        yield run_pgt_section(steps=steps, dtype=dtype, device=args.device, seed=args.seed, quick=quick, progress=True)
+        # --quick is already in ``steps`` (QUICK_STEPS unless --steps is given)
+        yield run_pgt_section(steps=steps, dtype=dtype, device=args.device, seed=args.seed, progress=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from verification.tolerances import QUICK_STEPS  # steps per case with quick=True, as `reparam verify --quick` says
 from reparam.pgt import power_grad_cross_entropy, power_grad_logits
 
 from verification.tolerances import classify, single_thread
@@ -41,8 +42,6 @@ _BATCH = 8
 _CLASSES = 5
 _NUM_BATCHES = 4
 _IGNORE = -100
-#: steps per case with ``quick=True`` (what ``reparam verify --quick`` promises)
-QUICK_STEPS = 8
 
 GradFn = Callable[[nn.Module, Tensor, Tensor], None]
 
