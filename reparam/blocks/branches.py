@@ -25,11 +25,6 @@ def _optional_bn(channels: int, enabled: bool, factory: Factory) -> nn.BatchNorm
     return nn.BatchNorm2d(channels, **factory) if enabled else None
 
 
-def _dense(factory: Factory) -> dict[str, Any]:
-    """Factory kwargs for a constant kernel: the default dtype when none is given."""
-    return {"device": factory.get("device"), "dtype": factory.get("dtype") or torch.get_default_dtype()}
-
-
 def _maybe_fold(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
     return (weight, bias) if bn is None else fold_batchnorm(weight, bias, bn)
 
@@ -160,7 +155,7 @@ class IdentityBranch(Branch):
         self.bn = _optional_bn(geometry.out_channels, bn, factory)
         self.register_buffer(
             "identity",
-            identity_kernel(geometry.out_channels, geometry.groups, geometry.kernel_size, **_dense(factory)),
+            identity_kernel(geometry.out_channels, geometry.groups, geometry.kernel_size, **factory),
             persistent=False,
         )
 
@@ -193,7 +188,7 @@ class SequentialBranch(Branch):
     def __init__(self, geometry: ConvGeometry, bn: bool, factory: Factory = NO_FACTORY) -> None:
         super().__init__(geometry)
         mid = geometry.in_channels
-        self.first = nn.Parameter(identity_kernel(mid, geometry.groups, (1, 1), **_dense(factory)))
+        self.first = nn.Parameter(identity_kernel(mid, geometry.groups, (1, 1), **factory))
         self.first_bn = _optional_bn(mid, bn, factory)
         self.second = _kaiming_weight((geometry.out_channels, mid // geometry.groups, *geometry.kernel_size), factory)
         self.second_bn = _optional_bn(geometry.out_channels, bn, factory)

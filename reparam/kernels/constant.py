@@ -18,10 +18,11 @@ def identity_kernel(
     channels: int,
     groups: int,
     size: tuple[int, int],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """The conv kernel of ``y = x``: 1 at the centre tap of entry ``(c, c mod (C / groups))``."""
+    """The conv kernel of ``y = x``: 1 at the centre tap of entry ``(c, c mod (C / groups))``
+    (``dtype=None``: the default dtype, as for torch's factory functions)."""
     kernel, out_idx, in_idx = _channel_diagonal(channels, channels // groups, size, dtype, device)
     kernel[out_idx, in_idx, size[0] // 2, size[1] // 2] = 1
     return kernel
@@ -31,7 +32,7 @@ def average_kernel(
     channels: int,
     groups: int,
     size: tuple[int, int],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """The conv kernel of a ``kh x kw`` average pool with ``count_include_pad=True``:
