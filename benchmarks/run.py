@@ -118,13 +118,14 @@ def _measure_row(spec: RowSpec, device: "torch.device") -> dict:
     meter = measure.MemoryMeter(device)
     built = None
     try:
-        variants.preload(model_spec(spec.model))  # imports are not part of the row's memory
+        source = model_spec(spec.model)
+        variants.preload(source)  # imports are not part of the row's memory
         if spec.compile:
             measure.reset_compiler()
         torch.manual_seed(0)
         meter.start()
         built = variants.build_variant(
-            spec.variant, lambda: variants.load_model(model_spec(spec.model)), device, cfg.dtype, cfg.channels_last
+            spec.variant, lambda: variants.load_model(source), device, cfg.dtype, cfg.channels_last
         )
         meter.after_build()
         images, _ = measure.make_batch(spec.batch_size, spec.image_size, 1, cfg)

@@ -8,25 +8,21 @@ import torchvision
 from torch import nn
 
 from reparam.blocks import ReparamBlock
+from reparam.cli._convert_common import randomized_copy
 from reparam.convert import UntraceableModelWarning, convert_model, find_conv_bn_pairs, fuse_model
 from reparam.errors import ConfigError
 
 RTOL = 1e-10
 
 
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics/affine parameters (and conv biases) so preservation can fail."""
-    gen = torch.Generator().manual_seed(seed)
+def randomized_reference(cls: type[nn.Module], size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """``cls()`` (seeded) with randomized BatchNorms (so that preservation can fail) in float64
+    eval mode, an input batch ``(2, 3, size, size)`` and the model's output on it."""
+    torch.manual_seed(0)
+    original = randomized_copy(cls(), 0).double().eval()
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-                m.weight.copy_(1 + 0.3 * torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=gen))
-            elif isinstance(m, nn.Conv2d) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.out_channels, generator=gen))
-    return model
+        return original, x, original(x)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,7 +53,7 @@ def _original(name: str):
         model = torchvision.models.get_model(name, weights=None, num_classes=10)
         if name == "vgg11_bn":  # the 25088x4096 classifier is irrelevant to conv conversion
             model.classifier = nn.Linear(512 * 7 * 7, 10)
-        model = _randomize_bn(model).double().eval()
+        model = randomized_copy(model, 0).double().eval()
         x = torch.randn(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             _cache[name] = (model, x, model(x))
@@ -160,11 +156,7 @@ class Untraceable(Edgy):
 @pytest.mark.parametrize("bn", ["branch", "after", "none"])
 @pytest.mark.parametrize("cls", [Edgy, Untraceable])
 def test_edge_cases(cls, block, bn):
-    torch.manual_seed(0)
-    original = _randomize_bn(cls()).double().eval()
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
-    with torch.no_grad():
-        reference = original(x)
+    original, x, reference = randomized_reference(cls, 12)
     if cls is Untraceable:
         with pytest.warns(UntraceableModelWarning, match="cannot trace Untraceable"):
             converted = convert_model(original, block, bn).eval()
@@ -246,7 +238,7 @@ def test_pairing_follows_dataflow_not_names():
             return self.bn_a(self.conv_b(F.relu(self.bn_b(self.conv_a(x)))))
 
     assert find_conv_bn_pairs(Crossed()).pairs == {"conv_a": "bn_b", "conv_b": "bn_a"}
-    original = _randomize_bn(Crossed()).double().eval()
+    original = randomized_copy(Crossed(), 0).double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     converted = convert_model(original, "repvgg", "after").eval()
     with torch.no_grad():
@@ -260,7 +252,7 @@ def test_every_block_parameter_trains(block, bn):
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                              nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
-    converted = convert_model(_randomize_bn(original).double(), block, bn).train()
+    converted = convert_model(randomized_copy(original, 0).double(), block, bn).train()
     before = {n: p.detach().clone() for n, p in converted.named_parameters()}
     opt = torch.optim.SGD(converted.parameters(), lr=0.1)
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
@@ -274,7 +266,7 @@ def test_every_block_parameter_trains(block, bn):
 
 
 def test_preserve_false_is_fresh():
-    original = _randomize_bn(Edgy()).eval()
+    original = randomized_copy(Edgy(), 0).eval()
     converted = convert_model(original, "acb", "after", preserve=False)
     assert torch.equal(converted.c1.post_bn.running_mean, torch.zeros(6))
     assert not torch.equal(converted.c1.branches["square"].weight, original.c1.weight)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from reparam.cli import main
+from reparam.cli._convert_common import randomized_copy
 from reparam.convert import (
     MaskFileWarning, UntraceableModelWarning, convert_model, fuse_model, load_masks, read_mask_file, save_masks,
     to_sgs,
@@ -28,17 +29,7 @@ from reparam.convert import (
 from reparam.convert.maskfile import _checksum
 from reparam.errors import ConversionError, MaskFileError
 
-
-def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=gen))
-                m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=gen))
-                m.weight.copy_(1 + 0.5 * torch.randn(m.num_features, generator=gen))
-                m.bias.copy_(torch.randn(m.num_features, generator=gen))
-    return model
+from test_convert_models import randomized_reference  # tests/ is on sys.path (no __init__.py)
 
 
 # -- 1. aliases through convert -> to_sgs -> fuse ----------------------------------------------
@@ -90,11 +81,7 @@ class SharedBN(nn.Module):  # one BN after two convs: called twice, so never abs
 @pytest.mark.parametrize("block,bn", [("acb", "after"), ("repvgg", "branch")])
 @pytest.mark.parametrize("cls", [BNAlias, ConvAlias, BothAlias, SharedBN])
 def test_aliases_survive_convert_to_sgs_and_fuse(cls, block, bn):
-    torch.manual_seed(0)
-    original = _randomize(cls()).double().eval()
-    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    with torch.no_grad():
-        reference = original(x)
+    original, x, reference = randomized_reference(cls, 8)
     branched = convert_model(original, block, bn).eval()
     plain, masks, _ = to_sgs(branched, warn=False)
     fused = fuse_model(branched)
@@ -113,7 +100,7 @@ def test_aliases_survive_convert_to_sgs_and_fuse(cls, block, bn):
 
 def test_bn_alias_sgs_trajectory_equals_branched():
     torch.manual_seed(0)
-    branched = convert_model(_randomize(BNAlias()).double(), "acb", "after").train()
+    branched = convert_model(randomized_copy(BNAlias(), 0).double(), "acb", "after").train()
     plain, masks, constants = to_sgs(branched)
     from reparam.sgs import attach_sgs
 

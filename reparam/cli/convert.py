@@ -54,18 +54,12 @@ def _save_state_dict(model, path: str, meta: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except OSError as err:
-        return fail("convert", f"cannot write to {args.out}: {err}")
-
-
-def _run(args: argparse.Namespace) -> int:
     import pandas as pd
     import torch
 
     from reparam.cli._convert_common import prepare_output, printed_warnings, randomized_copy
     from reparam.convert import convert_model, fuse_model, load_model, max_output_difference, save_masks, to_sgs
+    from reparam.convert.graph import error_line
     from reparam.errors import ReparamError
 
     problem = prepare_output(args.out, directory=True)
@@ -83,8 +77,7 @@ def _run(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 original(probe)
         except Exception as err:  # noqa: BLE001 - any failure of the model's forward on the probe
-            message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
-            return fail("convert", f"the model fails on a probe of shape {tuple(probe.shape)} ({message}); "
+            return fail("convert", f"the model fails on a probe of shape {tuple(probe.shape)} ({error_line(err)}); "
                                    "set --input-size (e.g. 224 for a model with a fixed input size) or --in-channels")
         options = dict(include=args.include, exclude=args.exclude, preserve=not args.fresh, example_input=probe)
         with printed_warnings("convert"):
@@ -99,19 +92,14 @@ def _run(args: argparse.Namespace) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # already printed for the model itself
                 _, check = convert_model(randomized_copy(original, args.seed), args.block, args.bn,
-                                         return_report=True, **options)
+                                         inplace=True, return_report=True, **options)
             preserve_diff = check.max_abs_diff
         sgs = to_sgs(model, warn=False)
-        plain, masks, constants = sgs
-        files = {name: os.path.join(args.out, name) for name in
-                 ("branched.safetensors", "fused.safetensors", "masks.safetensors", "report.json", "report.md")}
-        meta = {"model": args.model, "block": args.block, "bn": args.bn}
-        _save_state_dict(model, files["branched.safetensors"], meta)
-        _save_state_dict(fused, files["fused.safetensors"], meta)
-        save_masks(files["masks.safetensors"], masks, model=plain, constants=constants, metadata=meta)
     except ReparamError as err:
         return fail("convert", err)
-
+    files = {name: os.path.join(args.out, name) for name in
+             ("branched.safetensors", "fused.safetensors", "masks.safetensors", "report.json", "report.md")}
+    meta = {"model": args.model, "block": args.block, "bn": args.bn}
     summary = {
         **meta,
         "preserve": not args.fresh,
@@ -126,8 +114,6 @@ def _run(args: argparse.Namespace) -> int:
         "sgs_approximate": len(sgs.report.approximate),
     }
     document = {"summary": summary, "conversion": report.to_dict(), "sgs": sgs.report.to_dict(), "files": files}
-    with open(files["report.json"], "w") as handle:
-        json.dump(document, handle, indent=2)
     layers = pd.DataFrame(report.rows())
     sgs_rows = pd.DataFrame([
         {"weight": l.weight, "block": l.block, "bn": l.bn, "sgs": "exact" if l.exact else "approximate",
@@ -139,8 +125,18 @@ def _run(args: argparse.Namespace) -> int:
         lines += ["", "## SGS form", "", sgs_rows.to_markdown(index=False)]
     if not report.traced:
         lines += ["", f"Model not traceable by torch.fx ({report.trace_error}): no BatchNorm was absorbed."]
-    with open(files["report.md"], "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    try:
+        _save_state_dict(model, files["branched.safetensors"], meta)
+        _save_state_dict(fused, files["fused.safetensors"], meta)
+        save_masks(files["masks.safetensors"], sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
+        with open(files["report.json"], "w") as handle:
+            json.dump(document, handle, indent=2)
+        with open(files["report.md"], "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+    except ReparamError as err:
+        return fail("convert", err)
+    except OSError as err:
+        return fail("convert", f"cannot write to {args.out}: {err}")
     print(report)
     print(f"\nfused vs branched (eval, {tuple(probe.shape)}): max |diff| = {fused_diff:.3g} "
           f"(relative {fused_diff / scale:.3g})")

@@ -42,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
             return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
         save_masks(args.out, masks, model=plain, constants=constants,
                    metadata={"model": args.model, "block": args.block, "bn": args.bn})
-        for layer in sgs.report.layers:
-            status = "exact" if layer.exact else "APPROXIMATE: " + "; ".join(layer.reasons)
-            print(f"{layer.weight}: {[[round(v, 6) for v in row] for row in layer.mask]}  [{status}]")
-        if args.plot:
-            plot_masks(masks, args.plot, title=f"{args.model} {args.block} bn={args.bn}")
     except ReparamError as err:
         return fail("masks", err)
-    except OSError as err:
-        return fail("masks", f"cannot write {args.plot}: {err}")
+    for layer in sgs.report.layers:
+        status = "exact" if layer.exact else "APPROXIMATE: " + "; ".join(layer.reasons)
+        print(f"{layer.weight}: {[[round(v, 6) for v in row] for row in layer.mask]}  [{status}]")
+    if args.plot:
+        try:
+            plot_masks(masks, args.plot, title=f"{args.model} {args.block} bn={args.bn}")
+        except OSError as err:
+            return fail("masks", f"cannot write {args.plot}: {err}")
     print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
     return 0

@@ -45,6 +45,11 @@ class DataflowPairs:
     attributes: set = field(default_factory=set)  # qualified names of parameters/buffers read directly
 
 
+def error_line(err: BaseException) -> str:
+    """``Type: message`` of ``err``: its first line, at most 300 characters."""
+    return f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+
+
 def _describe_consumer(user: torch.fx.Node | None, modules: dict[str, nn.Module]) -> str:
     """Why the sole consumer of a conv's output is not an absorbable BatchNorm: what it is."""
     if user is None:
@@ -79,9 +84,7 @@ def find_conv_bn_pairs(model: nn.Module) -> DataflowPairs:
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as err:  # noqa: BLE001 - any trace failure means "no dataflow"
-        message = f"{type(err).__name__}: {err}".strip()
-        first_line = message.splitlines()[0] if message else type(err).__name__
-        return DataflowPairs(traced=False, error=first_line[:300])
+        return DataflowPairs(traced=False, error=error_line(err))
     result = DataflowPairs()
     modules = dict(model.named_modules(remove_duplicate=False))
     for node in graph.nodes:

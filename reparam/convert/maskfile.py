@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -53,9 +54,13 @@ class MaskFile:
     kernels: dict[str, tuple[int, ...]] | None = None  # every 4-D parameter of the saving model; None: unknown
 
 
-def _kernel_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every 4-D parameter (conv kernel) of ``model``."""
-    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.ndim == 4}
+def _param_shapes(model: nn.Module | None) -> dict[str, tuple[int, ...]]:
+    return {} if model is None else {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+def _kernel_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The 4-D entries (conv kernels) of ``shapes`` (:func:`_param_shapes`)."""
+    return {n: s for n, s in shapes.items() if len(s) == 4}
 
 
 def _checksum(tensor: Tensor) -> str:
@@ -96,8 +101,8 @@ def save_masks(
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    kernels = _kernel_shapes(model) if model is not None else None
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()} if model is not None else {}
+    params = _param_shapes(model)
+    kernels = _kernel_shapes(params) if model is not None else None
     constants = dict(constants or {})
     problems = [f"masks must be keyed by parameter name, got {type(n).__name__}"
                 for n in masks if not isinstance(n, str)]
@@ -119,14 +124,15 @@ def save_masks(
         tensors[MASK_PREFIX + name] = mask
         constant = constants.get(name)
         if constant is not None:
-            flat = torch.as_tensor(constant).detach().cpu().reshape(-1)
+            constant = torch.as_tensor(constant)
+            flat = constant.detach().cpu().reshape(-1)
             index = flat.nonzero().reshape(-1)
             tensors[INDEX_PREFIX + name] = index.to(torch.int64).contiguous()
             tensors[VALUE_PREFIX + name] = flat[index].contiguous().clone()
         layers[name] = {
             "param_shape": list(params[name]) if name in params else None,
             "mask_shape": list(mask.shape),
-            "constant_shape": list(torch.as_tensor(constant).shape) if constant is not None else None,
+            "constant_shape": list(constant.shape) if constant is not None else None,
         }
     try:
         user = json.dumps(dict(metadata or {}), sort_keys=True)
@@ -165,24 +171,24 @@ def _layer_problem(name: str, info: Any) -> str | None:
     return None
 
 
-def _json(header: dict, key: str, default: str, kind: type | tuple) -> Any:
+def _json(path: str, header: dict, key: str, default: str, kind: type | tuple) -> Any:
     try:
         value = json.loads(header.get(key, default))
     except ValueError as err:
-        raise MaskFileError(f"corrupted metadata {key!r}: {err}") from None
+        raise MaskFileError(f"{path}: corrupted metadata {key!r}: {err}") from None
     if not isinstance(value, kind):
-        raise MaskFileError(f"corrupted metadata {key!r}: a {type(value).__name__}, not the expected JSON object")
+        raise MaskFileError(
+            f"{path}: corrupted metadata {key!r}: a {type(value).__name__}, not the expected JSON object"
+        )
     return value
 
 
-def _rebuild_constant(name: str, shape: list[int], index: Tensor, value: Tensor) -> Tensor:
-    numel = 1
-    for size in shape:
-        numel *= size
+def _rebuild_constant(path: str, name: str, shape: list[int], index: Tensor, value: Tensor) -> Tensor:
+    numel = math.prod(shape)
     if index.dtype != torch.int64 or index.ndim != 1 or value.ndim != 1 or len(index) != len(value):
-        raise MaskFileError(f"constant of {name}: malformed sparse encoding")
+        raise MaskFileError(f"{path}: constant of {name}: malformed sparse encoding")
     if len(index) and (int(index.min()) < 0 or int(index.max()) >= numel):
-        raise MaskFileError(f"constant of {name}: index out of range for shape {shape}")
+        raise MaskFileError(f"{path}: constant of {name}: index out of range for shape {shape}")
     flat = torch.zeros(numel, dtype=value.dtype)
     flat[index] = value
     return flat.reshape(shape)
@@ -218,13 +224,10 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
         )
     if schema != SCHEMA_VERSION:
         raise MaskFileError(f"{path}: schema version {schema} is not supported (this reparam reads {SCHEMA_VERSION})")
-    try:
-        layers = _json(header, "reparam.layers", "", dict)
-        kernels = _json(header, "reparam.kernels", "null", (dict, type(None)))
-        checksums = _json(header, "reparam.checksums", "", dict)
-        user = _json(header, "reparam.metadata", "{}", dict)
-    except MaskFileError as err:
-        raise MaskFileError(f"{path}: {err}") from None
+    layers = _json(path, header, "reparam.layers", "", dict)
+    kernels = _json(path, header, "reparam.kernels", "null", (dict, type(None)))
+    checksums = _json(path, header, "reparam.checksums", "", dict)
+    user = _json(path, header, "reparam.metadata", "{}", dict)
     problems = [p for p in (_layer_problem(n, info) for n, info in layers.items()) if p]
     if kernels is not None:
         problems += [f"kernel entry {n!r}: {s!r} is not a 4-D shape"
@@ -250,13 +253,12 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     problems += [p for p in (_value_problem(n, m) for n, m in masks.items()) if p]
     if problems:
         raise MaskFileError(f"{path}: invalid masks: " + "; ".join(problems))
-    try:
-        constants = {
-            n: _rebuild_constant(n, layers[n]["constant_shape"], tensors[INDEX_PREFIX + n], tensors[VALUE_PREFIX + n])
-            for n in with_constant
-        }
-    except MaskFileError as err:
-        raise MaskFileError(f"{path}: {err}") from None
+    constants = {
+        n: _rebuild_constant(
+            path, n, layers[n]["constant_shape"], tensors[INDEX_PREFIX + n], tensors[VALUE_PREFIX + n]
+        )
+        for n in with_constant
+    }
     return MaskFile(
         masks=masks, constants=constants, layers=layers, metadata=user, schema=schema,
         kernels={n: tuple(s) for n, s in kernels.items()} if kernels is not None else None,
@@ -274,7 +276,7 @@ def validate_mask_file(
     whose shape (recorded, mask kernel size, constant) does not fit it, every recorded conv
     kernel whose shape changed, and - unless ``allow_missing`` - those unmasked model layers.
     A file saved without ``model=`` records no kernel list, so unmasked layers go unchecked."""
-    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    params = _param_shapes(model)
     missing, mismatched = [], []
     for name, mask in content.masks.items():
         if name not in params:
@@ -290,7 +292,7 @@ def validate_mask_file(
             mismatched.append(f"{name} (constant {tuple(content.constants[name].shape)}, model {shape})")
     uncovered: list[str] = []
     if content.kernels is not None:
-        for name, shape in _kernel_shapes(model).items():
+        for name, shape in _kernel_shapes(params).items():
             if name in content.masks:
                 continue
             if name in content.kernels:

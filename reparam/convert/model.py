@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import AverageBranch, ConvBranch, IdentityBranch, SequentialBranch
 from reparam.convert.graph import (
-    UntraceableModelWarning, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
+    UntraceableModelWarning, error_line, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
 )
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.errors import ConfigError, ConversionError
@@ -176,9 +176,8 @@ def _run_example(model: nn.Module, args: tuple, what: str, watch: bool) -> tuple
             return output, used
         return _eval_output(model, *args), set()
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
-        message = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
         raise ConversionError(
-            f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({message})"
+            f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({error_line(err)})"
         ) from err
 
 
