@@ -335,8 +335,9 @@ def attach_sgs(
     ``constant_kernels`` maps parameters to the parameter-free part ``C`` of their merged
     kernel (RepVGG's identity without BN) so that weight decay pulls toward ``C``.
     Returns a handle; ``handle.remove()`` detaches. The masks are kept as given (e.g.
-    ``(kh, kw)``) and broadcast as stride-0 views, so SGS holds no memory in proportion to the
-    model (update mode's snapshot aside).
+    ``(kh, kw)``) and broadcast as stride-0 views, so masks hold no memory in proportion to the
+    model; update mode keeps a snapshot of the masked weights and a non-diagonal
+    preconditioner a workspace the size of its parameter (``handle.state_bytes``).
     """
     if mode not in ("auto", "grad", "update"):
         raise ConfigError(f"attach_sgs: mode={mode!r} is not supported; choose 'auto', 'grad' or 'update'")
