@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
-from reparam.sgs.theory import exact_mode
+from reparam.sgs.theory import auto_mode
 from verification.engine import compare_trajectories
 from verification.tolerances import check_steps, single_thread
 
@@ -30,7 +30,7 @@ class OptimizerCase:
         """The mode ``attach_sgs(mode="auto", strict=False)`` applies: the exact one, ``grad``
         (preferred) for SGD and ``update`` for the adaptive optimizers, else the ``grad`` fallback."""
         optimizer = self.factory([torch.nn.Parameter(torch.zeros(1))])
-        return exact_mode(optimizer, optimizer.param_groups) or "grad"
+        return auto_mode(optimizer, optimizer.param_groups)
 
     @property
     def wrong_mode(self) -> str:

@@ -5,7 +5,7 @@ import torch
 
 from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
-from reparam.sgs.theory import exact_mode, inexact_reasons_for_steps, why_exact
+from reparam.sgs.theory import auto_mode, inexact_reasons_for_steps, why_exact
 
 from verification.tolerances import (  # noqa: F401  (re-exported)
     APPROXIMATE,
@@ -40,7 +40,7 @@ def expected_verdict(
         return APPROXIMATE, "; ".join(reasons)
     nondiagonal = transform == "preconditioner" and not _is_diagonal(block.spatial_preconditioner())
     groups = optimizer.param_groups
-    chosen = mode if mode != "auto" else (exact_mode(optimizer, groups, nondiagonal) or "grad")
+    chosen = mode if mode != "auto" else auto_mode(optimizer, groups, nondiagonal)
     reason = inexact_reasons_for_steps(optimizer, groups, steps if steps is not None else 1 << 30, nondiagonal)[chosen]
     if reason is None:
         return EXACT, why_exact(optimizer, groups, chosen, steps)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from reparam.errors import ConfigError, NotEquivalent
 from reparam.sgs.preconditioner import SpatialPreconditioner
-from reparam.sgs.theory import coupled_decay, decoupled_decay, inexact_reasons
+from reparam.sgs.theory import FALLBACK_MODE, coupled_decay, decoupled_decay, first_exact, inexact_reasons
 
 MaskValue = Union[Tensor, SpatialPreconditioner]
 
@@ -388,13 +388,13 @@ def attach_sgs(
     reasons = inexact_reasons(optimizer, [b.group for b in buckets.values()], nondiagonal)
     chosen = mode
     if mode == "auto":
-        chosen = next((m for m in ("grad", "update") if reasons[m] is None), None)
+        chosen = first_exact(reasons)
         if chosen is None:
             message = f"attach_sgs: no exact SGS mode for this configuration: grad: {reasons['grad']}; update: {reasons['update']}"
             if strict:
                 raise NotEquivalent(message)
-            warnings.warn(message + "; using 'grad'", NotEquivalentWarning, stacklevel=2)
-            chosen = "grad"
+            warnings.warn(message + f"; using {FALLBACK_MODE!r}", NotEquivalentWarning, stacklevel=2)
+            chosen = FALLBACK_MODE
     elif reasons[mode] is not None:
         message = f"attach_sgs: mode={mode!r} is not exact here: {reasons[mode]}"
         if strict:

@@ -31,6 +31,8 @@ ELEMENTWISE_ADAPTIVE: tuple[type, ...] = (
     torch.optim.Adadelta,
 )
 MODES = ("grad", "update")
+#: what ``mode="auto"`` uses, with a warning, when no mode is exact (``strict=False``)
+FALLBACK_MODE = "grad"
 
 
 def has_decoupled_decay(optimizer: torch.optim.Optimizer, group: dict) -> bool:
@@ -156,7 +158,17 @@ def why_exact(optimizer: torch.optim.Optimizer, groups: list[dict], mode: str, s
     return f"mode {mode!r} is exact for {name}"
 
 
+def first_exact(reasons: dict[str, str | None]) -> str | None:
+    """The first mode of :data:`MODES` (``"grad"`` preferred) that ``reasons`` calls exact, or None."""
+    return next((mode for mode in MODES if reasons[mode] is None), None)
+
+
 def exact_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str | None:
     """The mode that reproduces branched training exactly (``"grad"`` preferred), or None."""
-    reasons = inexact_reasons(optimizer, groups, nondiagonal)
-    return next((mode for mode in MODES if reasons[mode] is None), None)
+    return first_exact(inexact_reasons(optimizer, groups, nondiagonal))
+
+
+def auto_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str:
+    """The mode ``attach_sgs(mode="auto", strict=False)`` applies: the exact one, else the
+    :data:`FALLBACK_MODE` it warns about."""
+    return exact_mode(optimizer, groups, nondiagonal) or FALLBACK_MODE
