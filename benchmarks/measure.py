@@ -34,8 +34,9 @@ import gc
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
 
 import torch
 from torch import nn

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 # The schema of every row (CSV column order). See docs/bench.md for their meaning.
 COLUMNS = (

@@ -20,6 +20,10 @@ import tempfile
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads lazily: the memory baseline is taken before it is imported
+    import torch
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -104,7 +108,7 @@ def measure_row(spec: RowSpec) -> dict:
         return _measure_row(spec, device)
 
 
-def _measure_row(spec: RowSpec, device: "torch.device") -> dict:
+def _measure_row(spec: RowSpec, device: torch.device) -> dict:
     import torch
 
     from benchmarks import measure, variants
@@ -217,7 +221,7 @@ def _sigterm_as_interrupt():
     return signal.signal(signal.SIGTERM, _raise_interrupt)
 
 
-def check_device(name: str) -> "torch.device":
+def check_device(name: str) -> torch.device:
     """``torch.device(name)`` if this machine can run it, else ValueError with a one-line reason."""
     import torch
 

@@ -20,9 +20,11 @@ weight_decay=5e-4); those two use AdamW(lr=1e-3, weight_decay=5e-4). Hyper-param
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,10 +96,8 @@ def preload(spec: str) -> None:
     for name in ("reparam.convert", "reparam.blocks", "reparam.sgs", "torch._dynamo"):
         importlib.import_module(name)
     source = spec.partition(":")[0]
-    try:
+    with contextlib.suppress(ImportError):
         importlib.import_module("torchvision.models" if source == "torchvision" else source)
-    except ImportError:
-        pass
 
 
 def load_model(spec: str) -> nn.Module:

@@ -3,7 +3,7 @@
 Blocks (:mod:`reparam.blocks`) -> kernel algebra (:mod:`reparam.kernels`) ->
 masks and preconditioners -> the optimizer-side transform (:mod:`reparam.sgs`).
 """
-from reparam.blocks import ACBlock, DBBlock, RepVGGBlock, ReparamBlock
+from reparam.blocks import ACBlock, DBBlock, ReparamBlock, RepVGGBlock
 from reparam.errors import ConfigError, NotEquivalent, NotMaskEquivalent, PGTAssumptionError, ReparamError
 from reparam.pgt import (
     PowerGradCrossEntropy,

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import reparam
-from reparam import NotEquivalentWarning, SpatialPreconditioner, attach_sgs
 import reparam.sgs.attach as attach_module
+from reparam import NotEquivalentWarning, SpatialPreconditioner, attach_sgs
 from reparam.errors import ConfigError
 from verification.strategies import accepts
 
@@ -505,7 +505,8 @@ def test_preconditioner_allocates_nothing_per_step():
         handle._pre_step(opt, (opt,), {})
     torch.testing.assert_close(conv.weight.grad, expected, rtol=0, atol=1e-14)
     assert "mm.out" in log.ops
-    assert all(op.split(".")[0] in {"view", "permute", "t", "transpose", "mm", "copy_", "_reshape_alias"} for op in log.ops), log.ops
+    allowed = {"view", "permute", "t", "transpose", "mm", "copy_", "_reshape_alias"}
+    assert all(op.split(".")[0] in allowed for op in log.ops), log.ops
     assert not any(op.startswith(("empty", "mm.default", "matmul.default")) for op in log.ops), log.ops
 
 
@@ -531,7 +532,9 @@ def test_update_mode_fallback_without_foreach_lerp_tensor_weights(monkeypatch):
     assert torch.equal(conv.weight, twin.weight)
 
 
-@pytest.mark.parametrize("make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.AdamW(p, lr=0.01)])
+@pytest.mark.parametrize(
+    "make_opt", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), lambda p: torch.optim.AdamW(p, lr=0.01)]
+)
 def test_masks_take_no_memory_in_proportion_to_the_model(make_opt):
     """A (kh, kw) mask stays (kh, kw): the hooks multiply with a stride-0 view, so SGS holds
     9 numbers per mask (update mode adds its snapshot of the masked weights, nothing more)."""

@@ -109,11 +109,12 @@ def test_summary_statistics():
 
 
 def test_ratios_are_per_model_and_size():
+    ok = {"status": "ok", "model": "a", "batch_size": 4}
     rows = [
-        {"model": "a", "image_size": 32, "batch_size": 4, "variant": "plain", "status": "ok", "median_ms": 2.0, "peak_mem_mb": 10.0, "params": 5},
-        {"model": "a", "image_size": 32, "batch_size": 4, "variant": "acb", "status": "ok", "median_ms": 3.0, "peak_mem_mb": 15.0, "params": 10},
+        {**ok, "image_size": 32, "variant": "plain", "median_ms": 2.0, "peak_mem_mb": 10.0, "params": 5},
+        {**ok, "image_size": 32, "variant": "acb", "median_ms": 3.0, "peak_mem_mb": 15.0, "params": 10},
         {"model": "a", "image_size": 64, "batch_size": 4, "variant": "plain", "status": "OOM"},
-        {"model": "a", "image_size": 64, "batch_size": 4, "variant": "acb", "status": "ok", "median_ms": 3.0, "peak_mem_mb": 1.0, "params": 10},
+        {**ok, "image_size": 64, "variant": "acb", "median_ms": 3.0, "peak_mem_mb": 1.0, "params": 10},
     ]
     report.add_ratios(rows)
     assert rows[1]["time_ratio"] == 1.5 and rows[1]["mem_ratio"] == 1.5 and rows[1]["params_ratio"] == 2.0

@@ -8,7 +8,6 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from reparam.cli import main
 from reparam.convert import load_masks, load_model

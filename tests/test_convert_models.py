@@ -179,7 +179,7 @@ def test_edge_cases(cls, block, bn):
         assert not report.traced and report.trace_error
         assert not any(r.absorbed_bn for r in rows.values())
         assert "not traceable" in str(report)
-    for name, row in rows.items():
+    for _name, row in rows.items():
         assert row.bn == (bn if row.absorbed_bn else "none")
     if cls is Edgy and bn != "none":
         assert all(m.eps == 1e-3 and m.momentum == 0.3 for m in converted.c1.modules() if isinstance(m, nn.BatchNorm2d))

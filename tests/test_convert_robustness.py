@@ -18,18 +18,23 @@ import torch.nn.functional as F
 import torchvision
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_convert_models import randomized_reference  # tests/ is on sys.path (no __init__.py)
 from torch import nn
 
 from reparam.cli import main
 from reparam.cli._convert_common import randomized_copy
 from reparam.convert import (
-    MaskFileWarning, UntraceableModelWarning, convert_model, fuse_model, load_masks, read_mask_file, save_masks,
+    MaskFileWarning,
+    UntraceableModelWarning,
+    convert_model,
+    fuse_model,
+    load_masks,
+    read_mask_file,
+    save_masks,
     to_sgs,
 )
 from reparam.convert.maskfile import _checksum
 from reparam.errors import ConversionError, MaskFileError
-
-from test_convert_models import randomized_reference  # tests/ is on sys.path (no __init__.py)
 
 
 # -- 1. aliases through convert -> to_sgs -> fuse ----------------------------------------------
@@ -215,7 +220,7 @@ def test_constants_are_sparse_exact_and_not_dropped_silently(r18_file):
 
 def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None, fix_checksums: bool = True) -> Path:
     with safe_open(path, "pt") as handle:
-        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle}
     if edit_tensors:
         edit_tensors(tensors)
     if edit_meta:

@@ -18,15 +18,15 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reparam.blocks import ACBlock, DBBlock, DBB_BRANCHES, RepVGGBlock, ReparamBlock
+from reparam.blocks import DBB_BRANCHES, ACBlock, DBBlock, ReparamBlock, RepVGGBlock
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
@@ -96,7 +96,7 @@ class ConvConfig:
     out_channels: int
     kernel_size: tuple[int, int]
     stride: tuple[int, int] = (1, 1)
-    padding: Optional[tuple[int, int]] = None
+    padding: tuple[int, int] | None = None
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     input_size: tuple[int, int] = (9, 9)
@@ -146,7 +146,7 @@ def conv_configs(
     draw: st.DrawFn,
     max_channels: int = 8,
     kernel_sizes: Sequence[int] = (1, 3, 5, 7),
-    square: Optional[bool] = None,
+    square: bool | None = None,
     strides: Sequence[int] = (1, 2),
     dilations: Sequence[int] = (1, 2),
     max_input: int = 11,
@@ -260,7 +260,7 @@ class BlockFactory:
     bn: str
     mode: str = "branched"
     dbb_branches: tuple[str, ...] = DBB_BRANCHES
-    state: Optional[BNState] = None
+    state: BNState | None = None
 
     @property
     def cls(self) -> type[ReparamBlock]:
@@ -273,7 +273,7 @@ class BlockFactory:
             self.state(block)
         return block
 
-    def with_state(self, state: Optional[BNState]) -> "BlockFactory":
+    def with_state(self, state: BNState | None) -> BlockFactory:
         return BlockFactory(self.block_type, self.config, self.bn, self.mode, self.dbb_branches, state)
 
 
@@ -282,9 +282,9 @@ def blocks(
     draw: st.DrawFn,
     block_types: Sequence[str] = ("acb", "repvgg", "dbb"),
     bn: Sequence[str] = ("branch", "after", "none"),
-    configs: Optional[st.SearchStrategy[ConvConfig]] = None,
-    dbb_branches: Optional[Sequence[tuple[str, ...]]] = None,
-    states: Optional[st.SearchStrategy[Optional[BNState]]] = None,
+    configs: st.SearchStrategy[ConvConfig] | None = None,
+    dbb_branches: Sequence[tuple[str, ...]] | None = None,
+    states: st.SearchStrategy[BNState | None] | None = None,
 ) -> tuple[BlockFactory, ConvConfig]:
     """``(factory, config)``: a :class:`BlockFactory` for a drawn block type, BN placement
     and geometry (default :func:`conv_configs`).
@@ -311,7 +311,7 @@ _lrs = st.sampled_from([1e-3, 1e-2, 0.05, 0.1, 0.3])
 
 @st.composite
 def sgd_optimizers(
-    draw: st.DrawFn, weight_decay: Optional[bool] = None, lr: Optional[st.SearchStrategy[float]] = None
+    draw: st.DrawFn, weight_decay: bool | None = None, lr: st.SearchStrategy[float] | None = None
 ) -> functools.partial:
     """``functools.partial(torch.optim.SGD, ...)``: lr, momentum (0 or in (0, 0.95]),
     dampening, Nesterov (only with momentum > 0 and dampening 0), weight decay
@@ -343,9 +343,9 @@ _small_lrs = st.sampled_from([1e-3, 1e-2, 0.05])
 def adaptive_optimizers(
     draw: st.DrawFn,
     names: Sequence[str] = ADAPTIVE_OPTIMIZERS,
-    weight_decay: Optional[bool] = None,
+    weight_decay: bool | None = None,
     coupled_weight_decay: bool = False,
-    lr: Optional[st.SearchStrategy[float]] = None,
+    lr: st.SearchStrategy[float] | None = None,
     strongly_adaptive: bool = False,
 ) -> functools.partial:
     """A factory for one of the element-wise adaptive optimizers with drawn hyperparameters.
@@ -434,7 +434,7 @@ class SchedulerFactory:
         return f"{self.cls.__name__}({args})"
 
 
-def lr_schedules(allow_none: bool = True) -> st.SearchStrategy[Optional[Callable]]:
+def lr_schedules(allow_none: bool = True) -> st.SearchStrategy[Callable | None]:
     """``None`` or a scheduler factory: StepLR, ExponentialLR, CosineAnnealingLR, LambdaLR."""
     sched = torch.optim.lr_scheduler
     options = [

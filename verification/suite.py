@@ -2,8 +2,8 @@
 each case carrying the verdict theory expects."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -92,7 +92,8 @@ def default_cases(
     blocks = list(blocks or BLOCKS)
     bns = list(bns or BN_PLACEMENTS)
     optimizers = list(optimizers or OPTIMIZER_NAMES)
-    for label, chosen, known in (("block", blocks, BLOCKS), ("bn", bns, BN_PLACEMENTS), ("optimizer", optimizers, OPTIMIZER_NAMES)):
+    choices = (("block", blocks, BLOCKS), ("bn", bns, BN_PLACEMENTS), ("optimizer", optimizers, OPTIMIZER_NAMES))
+    for label, chosen, known in choices:
         unknown = [c for c in chosen if c not in known]
         if unknown:
             raise ValueError(f"unknown {label} {unknown}; choose from {list(known)}")

@@ -3,7 +3,7 @@ Only depends on torch, so any section can use it."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -6,7 +6,6 @@ import torch
 from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
 from reparam.sgs.theory import auto_mode, inexact_reasons_for_steps, why_exact
-
 from verification.tolerances import (  # noqa: F401  (re-exported)
     APPROXIMATE,
     DIVERGENCE_FLOOR,
@@ -16,6 +15,7 @@ from verification.tolerances import (  # noqa: F401  (re-exported)
     INCONCLUSIVE,
     classify,
 )
+
 
 def structural_exactness(block: ReparamBlock, transform: str = "mask") -> tuple[bool, list[str]]:
     """Whether the block has an exact gradient form of the given kind (``mask`` or ``preconditioner``)."""

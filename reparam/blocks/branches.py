@@ -4,8 +4,9 @@ spatial Jacobian, constant part)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,6 @@ from torch import Tensor, nn
 from reparam.blocks.geometry import ConvGeometry
 from reparam.errors import NotMaskEquivalent
 from reparam.kernels import centre_pad, fold_batchnorm, identity_kernel, merge_1x1_then_kxk, window_mask
-
 
 #: ``nn.Conv2d``-style factory keyword arguments: ``{"device": ..., "dtype": ...}``
 Factory = Mapping[str, Any]

@@ -1,7 +1,7 @@
 """Diverse Branch Block: KxK + 1x1 + (1x1 -> KxK) + (1x1 -> KxK average)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from reparam.blocks.base import ReparamBlock
 from reparam.blocks.branches import AverageBranch, Branch, ConvBranch, Factory, SequentialBranch

@@ -55,7 +55,7 @@ class ConvGeometry:
         dilation: IntPair = 1,
         groups: int = 1,
         block: str = "block",
-    ) -> "ConvGeometry":
+    ) -> ConvGeometry:
         """Validate ``nn.Conv2d``-style arguments.
 
         ``padding=None`` means ``dilation * (k // 2)`` per side (same size output at stride 1,

@@ -44,7 +44,7 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def _distribution(args: argparse.Namespace) -> "Any":
+def _distribution(args: argparse.Namespace) -> Any:
     import torch
 
     if args.probs is not None:
@@ -59,7 +59,7 @@ def _distribution(args: argparse.Namespace) -> "Any":
     return torch.softmax(z, dim=0)
 
 
-def _plot(p: "Any", curves: dict[float, "Any"], path: str) -> None:
+def _plot(p: Any, curves: dict[float, Any], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

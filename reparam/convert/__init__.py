@@ -9,11 +9,20 @@
 - :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
 """
 from reparam.convert.graph import (
-    DataflowPairs, UntraceableModelWarning, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
+    DataflowPairs,
+    UntraceableModelWarning,
+    find_conv_bn_pairs,
+    parameters_used_outside,
+    reads_attributes_of,
 )
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import (
-    MaskFile, MaskFileWarning, load_masks, read_mask_file, save_masks, validate_mask_file,
+    MaskFile,
+    MaskFileWarning,
+    load_masks,
+    read_mask_file,
+    save_masks,
+    validate_mask_file,
 )
 from reparam.convert.model import ConvBN, SGSConversion, convert_model, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer

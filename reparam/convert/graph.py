@@ -19,8 +19,9 @@ its convs without absorbing any BatchNorm (still function-preserving) and warns 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.fx

@@ -22,8 +22,9 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -204,7 +205,7 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle}
     except FileNotFoundError:
         raise MaskFileError(f"{path}: no such mask file") from None
     except Exception as err:  # noqa: BLE001 - the parser's own errors are not part of our API

@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatch
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +19,11 @@ from torch import Tensor, nn
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import AverageBranch, ConvBranch, IdentityBranch, SequentialBranch
 from reparam.convert.graph import (
-    UntraceableModelWarning, error_line, find_conv_bn_pairs, parameters_used_outside, reads_attributes_of,
+    UntraceableModelWarning,
+    error_line,
+    find_conv_bn_pairs,
+    parameters_used_outside,
+    reads_attributes_of,
 )
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.errors import ConfigError, ConversionError
@@ -308,7 +313,7 @@ def convert_model(
             in_channels=g.in_channels, out_channels=g.out_channels, kernel_size=g.kernel_size, stride=g.stride,
             padding=g.padding, dilation=g.dilation, groups=g.groups, branches=tuple(new.branches.keys()), note=note,
         ))
-    for name, conv, new, bn_name, bn_module in plan:
+    for _name, conv, new, _bn_name, bn_module in plan:
         for alias in names[id(conv)]:
             _set_module(target, alias, new)
         if bn_module is not None:
@@ -390,7 +395,7 @@ class SGSConversion(tuple):
 
     report: SGSReport
 
-    def __new__(cls, model: nn.Module, masks: dict, constants: dict, report: SGSReport) -> "SGSConversion":
+    def __new__(cls, model: nn.Module, masks: dict, constants: dict, report: SGSReport) -> SGSConversion:
         self = super().__new__(cls, (model, masks, constants))
         self.report = report
         return self

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor
 

@@ -71,7 +71,7 @@ class ConversionReport:
             })
         keys = list(out[0]) if out else ["layer", "status", "reason"]
         for row in self.skipped:
-            out.append({**{k: "" for k in keys}, "layer": row.name, "status": "skipped", "reason": row.reason})
+            out.append({**dict.fromkeys(keys, ""), "layer": row.name, "status": "skipped", "reason": row.reason})
         return out
 
     def __str__(self) -> str:

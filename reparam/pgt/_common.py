@@ -4,7 +4,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import ContextManager, Union
+from contextlib import AbstractContextManager as ContextManager
+from typing import Union
 
 import torch
 from torch import Tensor

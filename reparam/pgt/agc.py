@@ -12,7 +12,7 @@ pass only the parameters you want clipped.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Union
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ def unitwise_norm(x: Tensor) -> Tensor:
 
 @torch.no_grad()
 def adaptive_grad_clip_(
-    parameters: Union[Tensor, Iterable[Tensor]],
+    parameters: Tensor | Iterable[Tensor],
     clip_factor: float = 0.01,
     eps: float = 1e-3,
 ) -> None:

@@ -83,7 +83,7 @@ Both modes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class _Precision:
     rtol: float
 
     @staticmethod
-    def of(grad_dtype: torch.dtype, prob_dtype: torch.dtype, rtol: Optional[float]) -> "_Precision":
+    def of(grad_dtype: torch.dtype, prob_dtype: torch.dtype, rtol: float | None) -> _Precision:
         fg, fp = torch.finfo(grad_dtype), torch.finfo(prob_dtype)
         return _Precision(
             dtype=grad_dtype,
@@ -268,7 +268,7 @@ class _NoDoubleBackward(torch.autograd.Function):
 
 
 def _transform(
-    logits: Tensor, grad: Tensor, alpha: float, scale: Optional[Tensor], check: bool, rtol: Optional[float]
+    logits: Tensor, grad: Tensor, alpha: float, scale: Tensor | None, check: bool, rtol: float | None
 ) -> Tensor:
     """``g + s (p' - p)`` row-wise; non-finite rows pass through, zero rows stay zero."""
     cdtype = compute_dtype(logits.dtype)
@@ -299,7 +299,7 @@ def _transform(
 
 class _PowerGradLogitsFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, alpha: float, scale: Optional[Tensor], check: bool, rtol: Optional[float]):  # type: ignore[override]
+    def forward(ctx, logits: Tensor, alpha: float, scale: Tensor | None, check: bool, rtol: float | None):  # type: ignore[override]
         ctx.alpha = alpha
         ctx.check = check
         ctx.rtol = rtol
@@ -323,7 +323,7 @@ def power_grad_logits(
     alpha: AlphaLike,
     scale: ScaleLike = None,
     check: bool = True,
-    rtol: Optional[float] = None,
+    rtol: float | None = None,
 ) -> Tensor:
     """Identity on ``logits`` (shape ``(N, C)``) whose backward applies the PowerGrad Transform
     to the gradient of a downstream softmax cross-entropy.
@@ -348,7 +348,7 @@ def power_grad_logits(
             f"power_grad_logits expects logits of shape (N, C) (class dimension last), got shape "
             f"{tuple(logits.shape)}; reshape e.g. (N, C, H, W) -> (N*H*W, C) first"
         )
-    scale_t: Optional[Tensor] = None
+    scale_t: Tensor | None = None
     if scale is not None:
         scale_t = torch.as_tensor(scale, dtype=compute_dtype(logits.dtype), device=logits.device).detach()
         if not bool(torch.isfinite(scale_t).all()) or bool((scale_t < 0).any()):
@@ -367,7 +367,7 @@ class PowerGradLogits(nn.Module):
     """Module form of :func:`power_grad_logits` with automatic (hard-target) scale recovery;
     insert it right after the layer that produces the logits."""
 
-    def __init__(self, alpha: AlphaLike, check: bool = True, rtol: Optional[float] = None) -> None:
+    def __init__(self, alpha: AlphaLike, check: bool = True, rtol: float | None = None) -> None:
         super().__init__()
         self.alpha = check_alpha(alpha)
         self.check = check

@@ -29,8 +29,6 @@ its limit ``alpha -> 0+``, the uniform distribution over the classes with a fini
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,7 +68,7 @@ def _unrows(rows: Tensor, shape: torch.Size) -> Tensor:
 def _target_mass(
     target: Tensor,
     num_classes: int,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     ignore_index: int,
     label_smoothing: float,
     dtype: torch.dtype,
@@ -102,7 +100,7 @@ def _target_mass(
 def _cross_entropy(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
@@ -149,7 +147,7 @@ class _PowerGradCrossEntropyFn(torch.autograd.Function):
         logits: Tensor,
         target: Tensor,
         alpha: float,
-        weight: Optional[Tensor],
+        weight: Tensor | None,
         ignore_index: int,
         reduction: str,
         label_smoothing: float,
@@ -179,7 +177,7 @@ def power_grad_cross_entropy(
     logits: Tensor,
     target: Tensor,
     alpha: AlphaLike,
-    weight: Optional[Tensor] = None,
+    weight: Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
@@ -236,14 +234,14 @@ class PowerGradCrossEntropy(nn.Module):
     gradient, ``alpha = 0`` replaces the prediction by the uniform distribution.
     """
 
-    weight: Optional[Tensor]
+    weight: Tensor | None
 
     def __init__(
         self,
         alpha: AlphaLike,
         label_smoothing: float = 0.0,
         reduction: str = "mean",
-        weight: Optional[Tensor] = None,
+        weight: Tensor | None = None,
         ignore_index: int = -100,
     ) -> None:
         super().__init__()

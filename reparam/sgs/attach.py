@@ -4,8 +4,9 @@ from __future__ import annotations
 import functools
 import warnings
 import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +23,7 @@ class NotEquivalentWarning(UserWarning):
 
 
 #: the parameters (by id) each optimizer has SGS attached to, across live handles
-_ATTACHED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -97,7 +98,7 @@ class SGSHandle:
             _ATTACHED.get(self.optimizer, set()).difference_update(id(p) for p in self.parameters)
         self._hooks = []
 
-    def __enter__(self) -> "SGSHandle":
+    def __enter__(self) -> SGSHandle:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -222,7 +223,7 @@ def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:
             dst.copy_(src)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _foreach_lerp_takes_tensor_weights() -> bool:
     try:
         t = torch.zeros(1)
@@ -305,10 +306,10 @@ def _prepare_mask(param: nn.Parameter, value: MaskValue, name: str) -> Tensor | 
 
 def attach_sgs(
     optimizer: torch.optim.Optimizer,
-    masks: Mapping[Union[nn.Parameter, str], MaskValue],
+    masks: Mapping[nn.Parameter | str, MaskValue],
     mode: str = "auto",
     strict: bool = True,
-    constant_kernels: Mapping[Union[nn.Parameter, str], Tensor] | None = None,
+    constant_kernels: Mapping[nn.Parameter | str, Tensor] | None = None,
     model: nn.Module | None = None,
 ) -> SGSHandle:
     """Make ``optimizer`` train each masked parameter as if it were a branched block.
@@ -390,7 +391,10 @@ def attach_sgs(
     if mode == "auto":
         chosen = first_exact(reasons)
         if chosen is None:
-            message = f"attach_sgs: no exact SGS mode for this configuration: grad: {reasons['grad']}; update: {reasons['update']}"
+            message = (
+                "attach_sgs: no exact SGS mode for this configuration: "
+                f"grad: {reasons['grad']}; update: {reasons['update']}"
+            )
             if strict:
                 raise NotEquivalent(message)
             warnings.warn(message + f"; using {FALLBACK_MODE!r}", NotEquivalentWarning, stacklevel=2)

@@ -14,7 +14,6 @@ not part of the library.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle

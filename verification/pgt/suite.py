@@ -17,18 +17,20 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from verification.tolerances import QUICK_STEPS  # steps per case with quick=True, as `reparam verify --quick` says
 from reparam.pgt import power_grad_cross_entropy, power_grad_logits
-
-from verification.tolerances import classify, single_thread
+from verification.tolerances import (
+    QUICK_STEPS,  # steps per case with quick=True, as `reparam verify --quick` says
+    classify,
+    single_thread,
+)
 
 from .reference import reference_reconstruct_from_grad_hook
 
