@@ -228,6 +228,14 @@ def test_model_float_after_attaching_follows_the_parameter(make_opt):
     assert torch.equal(conv.weight, twin.weight)
 
 
+def test_update_mode_snapshot_records_no_autograd_history():
+    _, conv, g, _ = pair()
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.01)
+    handle = attach_sgs(opt, {conv.weight: g})
+    step(conv, opt, 0)
+    assert not any(r.snapshot.requires_grad for r in handle._records)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_constant_kernel_rejected(bad):
     _, conv, g, c = pair()
