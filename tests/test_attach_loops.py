@@ -228,6 +228,29 @@ def test_model_float_after_attaching_follows_the_parameter(make_opt):
     assert torch.equal(conv.weight, twin.weight)
 
 
+def test_preconditioner_follows_model_float_and_set_masks():
+    """A non-diagonal P (grad mode) follows ``model.float()`` (its workspace too), and
+    ``set_masks`` swaps it for a mask and back; ``masks`` shows what is applied."""
+    _, conv, g, _ = pair()
+    matrix = torch.diag(g.flatten()) + torch.full((9, 9), 1 / 81, dtype=torch.float64)
+    p = reparam.SpatialPreconditioner(matrix)
+    twin = copy.deepcopy(conv).float()
+    opt, opt_twin = torch.optim.SGD(conv.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    handle = attach_sgs(opt, {conv.weight: p})
+    attach_sgs(opt_twin, {twin.weight: p})
+    conv.float()
+    for model, o in ((conv, opt), (twin, opt_twin)):
+        o.zero_grad()
+        torch.tanh(model(batch(0).float())).square().mean().backward()
+        o.step()
+    assert torch.equal(conv.weight, twin.weight)
+    assert isinstance(handle.masks[conv.weight], reparam.SpatialPreconditioner)
+    handle.set_masks({conv.weight: g})
+    assert torch.equal(handle.masks[conv.weight], g.float())
+    handle.set_masks({conv.weight: p})
+    assert handle.masks[conv.weight].matrix.dtype == torch.float32
+
+
 def test_update_mode_snapshot_records_no_autograd_history():
     _, conv, g, _ = pair()
     opt = torch.optim.AdamW(conv.parameters(), lr=0.01)
