@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reparam.convert.results import LoadedMasks
 from reparam.errors import MaskFileError
 
 FORMAT = "sgs-masks"
@@ -318,17 +319,23 @@ def validate_mask_file(
 
 
 def load_masks(
-    path: str | os.PathLike, model: nn.Module, *, constants: bool | None = None, allow_missing: bool = False
-) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    constants: bool | None = None,
+    allow_missing: bool = False,
+    return_report: bool = False,
+) -> dict[str, Tensor] | LoadedMasks:
     """Read masks saved by :func:`save_masks`, verify their checksums and validate every name
     and shape against ``model`` (see :func:`validate_mask_file`); returns ``{parameter name:
     G}``, ready for ``attach_sgs(..., model=model)``.
 
-    - ``constants=True``: returns ``(masks, constants)``; pass the constants to
-      ``attach_sgs(constant_kernels=...)`` so weight decay pulls toward ``C`` (exact for
-      RepVGG). ``constants=None`` (default) returns only the masks and warns
-      (:class:`MaskFileWarning`) when the file holds constant kernels; ``constants=False``
-      drops them silently.
+    - ``return_report=True`` (or ``constants=True``): returns a :class:`LoadedMasks`
+      (``.masks``, ``.constants``, ``.metadata``, ``.uncovered``; unpacks as
+      ``(masks, constants)``); pass the constants to ``attach_sgs(constant_kernels=...)`` so
+      weight decay pulls toward ``C`` (exact for RepVGG). ``constants=None`` (default) with
+      masks only warns (:class:`MaskFileWarning`) when the file holds constant kernels;
+      ``constants=False`` drops them silently.
     - ``allow_missing=True``: a model with conv layers the file has no entry for (a larger
       model than the one the file was saved for) is accepted with a :class:`MaskFileWarning`
       naming the layers that get no mask, instead of a :class:`MaskFileError`.
@@ -342,8 +349,9 @@ def load_masks(
             f"no mask (allow_missing=True): {_names(uncovered)}",
             MaskFileWarning, stacklevel=2,
         )
-    if constants:
-        return content.masks, content.constants
+    if constants or return_report:
+        kept = content.constants if constants is not False else {}
+        return LoadedMasks(model, content.masks, kept, metadata=content.metadata, uncovered=uncovered)
     if constants is None and content.constants:
         warnings.warn(
             f"load_masks: {path} holds constant kernels for {len(content.constants)} layer(s) (e.g. RepVGG's identity) "

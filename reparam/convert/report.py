@@ -105,6 +105,7 @@ class SGSLayer:
     exact: bool
     reasons: list[str] = field(default_factory=list)
     has_constant: bool = False
+    frozen: bool = False  # the conv weight does not train: no mask (nothing for SGS to scale)
 
 
 @dataclass
@@ -116,7 +117,11 @@ class SGSReport:
 
     @property
     def approximate(self) -> list[SGSLayer]:
-        return [layer for layer in self.layers if not layer.exact]
+        return [layer for layer in self.layers if not layer.exact and not layer.frozen]
+
+    @property
+    def frozen(self) -> list[SGSLayer]:
+        return [layer for layer in self.layers if layer.frozen]
 
     @property
     def weights(self) -> dict[str, str]:
@@ -128,7 +133,8 @@ class SGSReport:
 
     def __str__(self) -> str:
         rows = [
-            [l.weight, l.block, l.bn, "exact" if l.exact else "APPROXIMATE", "; ".join(l.reasons)] for l in self.layers
+            [l.weight, l.block, l.bn, "frozen" if l.frozen else ("exact" if l.exact else "APPROXIMATE"),
+             "no mask: the weight does not train" if l.frozen else "; ".join(l.reasons)] for l in self.layers
         ]
         head = f"to_sgs: {len(self.layers)} layers, {len(self.approximate)} approximate"
         return head + ("\n\n" + _table(["weight", "block", "bn", "sgs", "why"], rows) if rows else "")
