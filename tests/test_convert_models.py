@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 from reparam.blocks import ReparamBlock
-from reparam.cli._convert_common import randomized_copy
 from reparam.convert import UntraceableModelWarning, convert_model, find_conv_bn_pairs, fuse_model
+from reparam.convert.workflow import randomized_copy
 from reparam.errors import ConfigError
 
 RTOL = 1e-10
