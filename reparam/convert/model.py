@@ -235,6 +235,17 @@ class ConvertJob:
     exclude: list[str]
     preserve: bool
 
+    @classmethod
+    def start(cls, target: nn.Module, block: str, bn: str, include: str | Sequence[str] | None,
+              exclude: str | Sequence[str] | None, preserve: bool) -> ConvertJob:
+        """Check the arguments and trace ``target``'s dataflow."""
+        if block not in BLOCKS:
+            raise ConfigError(f"convert_model: block={block!r} is not supported; choose one of {sorted(BLOCKS)}")
+        if bn not in BN_PLACEMENTS:
+            raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
+        return cls(target, find_conv_bn_pairs(target), _names_by_module(target), block, bn,
+                   _patterns(include), _patterns(exclude), preserve)
+
 
 @dataclass
 class LayerSwap:
@@ -314,51 +325,29 @@ def convert_model(
     inplace: bool = False,
     return_report: bool = False,
 ) -> nn.Module | ConvertResult:
-    """Replace every eligible ``nn.Conv2d`` (and the BatchNorm that solely consumes it) by a
-    reparameterization block with the same in/out channels, kernel, stride, padding,
-    dilation and groups.
+    """Replace every eligible ``nn.Conv2d`` (and the BatchNorm that solely consumes it, found in
+    the torch.fx dataflow: :func:`find_conv_bn_pairs`) by a ``block`` (``"acb"``, ``"repvgg"``,
+    ``"dbb"``) with the same geometry and BN placement ``bn`` (``"branch"``, ``"after"``, ``"none"``);
+    the absorbed BatchNorm's slot becomes ``nn.Identity``. docs/convert.md has the details.
 
-    - ``block``: ``"acb"``, ``"repvgg"`` or ``"dbb"``; ``bn``: ``"branch"``, ``"after"``, ``"none"``.
-    - conv -> BN pairs come from the traced dataflow (:func:`find_conv_bn_pairs`). The absorbed
-      BatchNorm is replaced by ``nn.Identity`` in the model. A model torch.fx cannot trace is
-      still converted, but no BatchNorm is absorbed (the report says so).
-    - A conv with no absorbed BatchNorm becomes a ``bn="none"`` block (its bias carries the conv
-      bias) whatever ``bn`` asks: adding a BatchNorm the original did not have would change
-      training. The report records the placement used per layer.
-    - ``preserve=True``: the converted model computes the original function in eval mode. The
-      main KxK branch gets the conv weight (minus RepVGG's constant identity kernel where that
-      has no BN); with ``bn="branch"`` the main branch's BN gets the original BN (its running
-      mean shifted by the conv bias) and every other branch outputs exactly 0 (``Branch.silence``:
-      gamma = beta = 0 behind a BN, else a zero kernel; the gradient still reaches every
-      parameter). ``bn="after"`` moves the original BN to ``post_bn``; ``bn="none"`` folds it
-      into the kernel and bias. ``preserve=False``: the blocks' fresh initialization (BNs at
-      defaults). Either way block BNs take the original BN's ``eps`` and ``momentum``.
-    - What the user set survives: the block's kernel parameters train iff the conv weight did;
-      its BNs take the absorbed BN's train/eval mode and affine ``requires_grad``; the block
-      bias of a bias-free conv that absorbed no BN is frozen at 0; the block takes the conv's mode.
-    - ``include``/``exclude``: fnmatch patterns on qualified module names (``"layer1.*"``).
-    - Skipped (with the reason in the report): 1x1 and even kernels, non-"zeros"
-      padding_mode, subclasses of nn.Conv2d, name filters, geometries a block rejects, convs
-      whose parameters the forward reads directly (``self.conv.weight``): seen in the traced
-      graph, or, for a model torch.fx cannot trace, by running ``example_input``.
-    - A model torch.fx cannot trace raises an :class:`UntraceableModelWarning` saying why and
-      what the fallback did.
-    - ``example_input`` (a tensor, or a tuple of forward arguments): the model is run on it
-      in eval mode before and after the conversion; a forward that fails raises
-      :class:`ConversionError`, and ``report.max_abs_diff`` records
-      ``max |converted - original|`` on it.
+    - A conv with no absorbed BatchNorm becomes a ``bn="none"`` block (adding a BatchNorm would
+      change training); the report records the placement used per layer and why.
+    - ``preserve=True``: the same function in eval mode (main branch = the conv, every other
+      branch outputs exactly 0 via ``Branch.silence`` yet trains); ``preserve=False``: fresh blocks.
+    - What the user set survives (:func:`_carry_flags`): ``requires_grad`` per parameter and
+      train/eval mode per module, a bias-free conv stays bias-free (block bias frozen at 0).
+    - Skipped with the reason: 1x1/even kernels, non-"zeros" padding, ``nn.Conv2d`` subclasses,
+      ``include``/``exclude`` fnmatch patterns, geometries a block rejects, convs whose parameters
+      the forward reads directly. An untraceable model absorbs no BN (:class:`UntraceableModelWarning`).
+    - ``example_input``: run before and after in eval mode; ``report.max_abs_diff`` records
+      ``max |converted - original|``; a failing forward raises :class:`ConversionError`.
 
     Works on a deep copy unless ``inplace=True``. The :class:`ConversionReport` is attached as
     ``model.reparam_report``; ``return_report=True`` returns a :class:`ConvertResult`
     (``.model``, ``.report``; unpacks as ``(model, report)``).
     """
-    if block not in BLOCKS:
-        raise ConfigError(f"convert_model: block={block!r} is not supported; choose one of {sorted(BLOCKS)}")
-    if bn not in BN_PLACEMENTS:
-        raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
     target = model if inplace else copy.deepcopy(model)
-    job = ConvertJob(target, find_conv_bn_pairs(target), _names_by_module(target), block, bn,
-                     _patterns(include), _patterns(exclude), preserve)
+    job = ConvertJob.start(target, block, bn, include, exclude, preserve)
     args = _as_args(example_input) if example_input is not None else None
     if args is not None:
         reference, used = _run_example(target, args, "the model", watch=not job.dataflow.traced)
