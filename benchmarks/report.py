@@ -179,7 +179,9 @@ def _panel(ax, group: list[Row], title: str) -> None:
         if not r.ok:
             ax.text(i, 0.05, r.status, rotation=90, ha="center", va="bottom", fontsize=8)
         elif r.warning:
-            ax.text(i, 0.05, "!", ha="center", va="bottom", fontsize=11, color="red", fontweight="bold")
+            flags = ", ".join(w.split(":")[0] for w in r.warning.split("; "))
+            ax.text(i, 0.05, f"! {flags}", rotation=90, ha="center", va="bottom", fontsize=8, color="red",
+                    fontweight="bold")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels([r.variant for r in group], rotation=30, ha="right", fontsize=8)
@@ -191,7 +193,7 @@ def _panel(ax, group: list[Row], title: str) -> None:
 
 def plot_ratios(rows: Sequence[Row], path: Path, title: str = "", warnings: Sequence[str] = ()) -> Path | None:
     """Bar chart: time (with IQR error bars), CPU time and memory ratio to plain per variant, one
-    panel per model/size; a red ``!`` marks a row with a warning, a red heading a run warning."""
+    panel per model/size; red text marks a row with a warning (``! noisy``), a red heading a run warning."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +211,7 @@ def plot_ratios(rows: Sequence[Row], path: Path, title: str = "", warnings: Sequ
         _panel(ax, group, f"{model}  {size}x{size}  batch {batch}")
     heading = [title] if title else []
     if warnings:
-        heading.append(f"WARNING ({len(warnings)}, see results.md): {warnings[0][:80]}")
+        heading.append(f"WARNING ({len(warnings)}, see results.md): {warnings[0].split(';')[0][:90]}")
     if heading:
         fig.suptitle("\n".join(heading), fontsize=9, color="red" if warnings else "black")
     fig.tight_layout()
