@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,7 @@ VARIANTS = ("plain", "sgs-grad", "sgs-update", "plain-adamw", "acb", "repvgg", "
 PRECISIONS = {"fp32": None, "bf16": "bf16"}  # name -> autocast; fp32 runs with TF32 off (so does bf16)
 ROOT = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0  # a part past its limit gets this long to save its files after being interrupted
+OPTIONAL_MODULES = ("matplotlib", "tabulate", "pandas")  # charts / tables / reparam verify; recorded when missing
 RESERVE_S = 20.0  # kept at the end of the budget for the summary and the archive
 DEFAULT_BUDGET_S = 465.0  # 8 minutes less start-up (imports) and margin; the part budgets below add up to 445 s
 
@@ -235,6 +238,10 @@ def run_parts(config: Config, out: Path, deadline: float, log) -> bool:
         except KeyboardInterrupt:
             part.status = "interrupted"
             return False
+        except Exception as exc:  # noqa: BLE001 - one broken part must not cost the others their evidence
+            part.status, part.note = "failed", f"{type(exc).__name__}: {exc}"[:300]
+            with open(out / "logs" / f"{part.name}.log", "a") as fh:
+                traceback.print_exc(file=fh)
         finally:
             part.seconds = round(time.monotonic() - start, 1)
             log(f"   {part.name}: {part.status} in {part.seconds:.0f} s {part.note}")
@@ -268,7 +275,9 @@ def write_summary(config: Config, out: Path, environment: dict, started: str, co
     lines = [f"# {kind}: {environment.get('device_name')}", "",
              f"Started {started} (UTC); torch {environment.get('torch')}, CUDA {environment.get('cuda')}, "
              f"cuDNN {environment.get('cudnn')}, driver {environment.get('cuda_driver')}, "
-             f"git {environment.get('git_commit')}.", "",
+             f"git {environment.get('git_commit')}."
+             + (f" Not installed: {', '.join(environment['missing_modules'])}." if environment.get("missing_modules") else ""),
+             "",
              "| part | status | seconds | limit (s) | note |", "|---|---|---|---|---|",
              *(f"| {p.name} | {p.status} | {p.seconds:g} | {p.limit_s:g} | {p.note} |" for p in config.parts), "",
              f"Bench: {config.warmup} warm-up + {config.steps} timed steps per row, TF32 off, "
@@ -328,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     environment = collect(torch.device(config.device), {"budget_s": args.budget, "dry_run": config.dry_run})
+    environment["missing_modules"] = [m for m in OPTIONAL_MODULES if importlib.util.find_spec(m) is None]
 
     def log(line: str) -> None:
         print(line, flush=True)

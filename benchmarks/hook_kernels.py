@@ -153,7 +153,7 @@ def measure_variant(spec: str, variant: str, device: torch.device, image_size: i
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
-    import pandas as pd
+    from benchmarks.report import table_text
 
     cols = ("model", "variant", "amp", "masked_params", "hooks", "steps", "kernels", "ops", "leaf_ops",
             "step_kernels", "step_ops", "fast_path")
@@ -162,7 +162,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
              "step. `kernels`: device kernels launched inside the hooks (0 on CPU); `ops`: top-level aten ops; "
              "`leaf_ops`: aten ops calling no other; `step_*`: the whole `optimizer.step`, hooks included; "
              "`fast_path`: CUDA only, fewer hook kernels than masked parameters (foreach fused them).", "",
-             pd.DataFrame(rows)[list(cols)].to_markdown(index=False, floatfmt="g"), "", "Top-level ops in the hooks:", ""]
+             table_text(rows, cols, fmt="github"), "", "Top-level ops in the hooks:", ""]
     lines += [f"- {r['variant']}: " + ", ".join(f"{k} x{v:g}" for k, v in r["op_names"].items()) for r in rows]
     return "\n".join(lines) + "\n"
 

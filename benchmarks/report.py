@@ -89,11 +89,24 @@ def _fmt(value, col: str) -> str:
     return str(value)
 
 
-def table_text(rows: Iterable[Row], columns: Iterable[str] = TERMINAL_COLUMNS, fmt: str = "simple") -> str:
-    from tabulate import tabulate
+def _cell(row, col: str):
+    return row.get(col) if isinstance(row, dict) else getattr(row, col)
 
+
+def _plain_table(body: list[list[str]], headers: list[str]) -> str:
+    """A GitHub-style table without tabulate (a bare GPU machine may lack it)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def table_text(rows: Iterable, columns: Iterable[str] = TERMINAL_COLUMNS, fmt: str = "simple") -> str:
+    """``rows`` (:class:`Row` objects or dicts) as a text table of ``columns``."""
     cols = list(columns)
-    body = [[_fmt(getattr(r, c), c) for c in cols] for r in rows]
+    body = [[_fmt(_cell(r, c), c) for c in cols] for r in rows]
+    try:
+        from tabulate import tabulate
+    except ImportError:
+        return _plain_table(body, cols)
     return tabulate(body, headers=cols, tablefmt=fmt, disable_numparse=True)
 
 
@@ -193,8 +206,12 @@ def _panel(ax, group: list[Row], title: str) -> None:
 
 def plot_ratios(rows: Sequence[Row], path: Path, title: str = "", warnings: Sequence[str] = ()) -> Path | None:
     """Bar chart: time (with IQR error bars), CPU time and memory ratio to plain per variant, one
-    panel per model/size; red text marks a row with a warning (``! noisy``), a red heading a run warning."""
-    import matplotlib
+    panel per model/size; red text marks a row with a warning (``! noisy``), a red heading a run warning.
+    None when there is nothing to plot or matplotlib is not installed (the tables still are)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

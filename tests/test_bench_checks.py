@@ -189,3 +189,15 @@ def test_busy_machine_warns_in_the_terminal(tmp_path, monkeypatch, capsys):
     assert "WARNING busy: load average 9.0 > 1 cores" in captured.out
     assert "reparam bench: WARNING: busy machine: load average 9.0" in captured.err
     assert "## Warnings" in (out / "results.md").read_text()
+
+
+def test_tables_and_chart_without_optional_packages(tmp_path, monkeypatch):
+    """A bare GPU machine may lack tabulate and matplotlib: tables still print, the chart is skipped."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tabulate", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    rows = [_row("plain", params=3914)]
+    text = report.table_text(rows, ("variant", "median_ms", "params"), fmt="github")
+    assert text.splitlines() == ["| variant | median_ms | params |", "|---|---|---|", "| plain | 10.00 | 3.914k |"]
+    assert report.plot_ratios(rows, tmp_path / "ratios.png") is None and not (tmp_path / "ratios.png").exists()
