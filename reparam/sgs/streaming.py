@@ -25,7 +25,7 @@ from reparam.sgs.dependence import (
     scaling_from_dependence,
 )
 
-__all__ = ["masks_from_data", "padded_input", "qualifying_convs"]
+__all__ = ["collect_statistics", "masks_from_data", "padded_input", "qualifying_convs"]
 
 Statistic = HistogramStatistic | CorrelationStatistic
 
@@ -143,25 +143,20 @@ def _scaling(name: str, statistic: Statistic, k: float, weight: Tensor) -> Tenso
     return scaling_from_dependence(S).to(dtype=weight.dtype, device=weight.device)
 
 
-def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K, diagonal_removal: bool = False,
-                    exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
-                    progress: bool = False) -> dict[str, Tensor]:
-    """``G = S / mean(S)`` (kh, kw) for every qualifying conv, keyed by weight parameter name.
-
-    ``batches`` (tensors or (inputs, targets) pairs) is iterated **twice** (ranges, then counts) and
-    must give the same batches both times (a list; checked). The model runs in eval mode under
-    ``torch.no_grad()``; every module's train/eval flag is restored. Convs that never ran are absent
-    (with a :class:`DependenceWarning`); a layer whose map has NaN/inf or is dead gets all ones (with
-    a warning). Under torch.distributed (or given ``process_group``) every rank must call this."""
+def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal: bool = False,
+                       exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
+                       progress: bool = False) -> dict[str, Statistic]:
+    """The streamed per-layer statistics behind :func:`masks_from_data` (same arguments), keyed by
+    weight parameter name: counts (``.counts``) and ``.dependence(k)`` for inspection and plots."""
     if measure not in MEASURES:
         raise ConfigError(f"unknown measure {measure!r}; supported: {', '.join(MEASURES)}")
     if iter(batches) is batches:
         raise ConfigError("`batches` is a one-shot iterator but is read twice (ranges, then counts): pass a list "
                           "(e.g. list(itertools.islice(loader, n))) or a re-iterable loader without shuffling")
     convs = qualifying_convs(model)
+    _check_shared(convs)
     stats = {name: make_statistic(mods[0].kernel_size, dilation=mods[0].dilation, diagonal_removal=diagonal_removal,
                                   measure=measure) for name, mods in convs.items()}
-    _check_shared(convs)
     distributed, group = _distributed_group(process_group)
     param = next(model.parameters(), None)
     device = param.device if param is not None else None
@@ -193,7 +188,24 @@ def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K
             handle.remove()
         for module, flag in flags.items():
             module.training = flag
-    return _results(stats, convs, k)
+    return stats
+
+
+def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K, diagonal_removal: bool = False,
+                    exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
+                    progress: bool = False) -> dict[str, Tensor]:
+    """``G = S / mean(S)`` (kh, kw) for every qualifying conv (:func:`qualifying_convs`), keyed by
+    weight parameter name, in the weight's dtype and device.
+
+    ``batches`` (tensors or (inputs, targets) pairs) is iterated **twice** (ranges, then counts) and
+    must give the same batches both times (a list; checked). The model runs in eval mode under
+    ``torch.no_grad()``; every module's train/eval flag is restored. Convs that never ran are absent
+    (with a :class:`DependenceWarning`); a layer whose map has NaN/inf or is dead gets all ones (with
+    a warning). Under torch.distributed (or given ``process_group``) every rank must call this; all
+    get the same G, equal to one process on the union of their batches."""
+    stats = collect_statistics(model, batches, diagonal_removal=diagonal_removal, exclude_padding=exclude_padding,
+                               measure=measure, process_group=process_group, progress=progress)
+    return _results(stats, qualifying_convs(model), k)
 
 
 def _check_shared(convs: dict[str, list[nn.Conv2d]]) -> None:
