@@ -311,7 +311,7 @@ class HistogramStatistic(_Statistic):
     def observe(self, x: Tensor) -> None:
         """Add one batch's joint-histogram counts (all channels and displacements, no channel loop),
         a chunk of images at a time so that the temporaries stay in cache."""
-        x = x.detach()
+        x = x.detach().contiguous()
         if not self._frozen:
             self.freeze(x.device)
         if not x.shape[0] or not self.healthy:
@@ -334,7 +334,7 @@ class HistogramStatistic(_Statistic):
                 cache[("row", qx_side)] = torch.add(offsets, _quantised(cache, qx_side, x, B, self.diagonal_removal),
                                                     alpha=B)
             joint = cache[("row", qx_side)][:, :, first[0], first[1]] + q[:, :, second[0], second[1]]
-            self.counts[j] += torch.bincount(joint.view(-1), minlength=C * B * B).view(C, B, B)
+            self.counts[j] += torch.bincount(joint.reshape(-1), minlength=C * B * B).view(C, B, B)
 
     def _order(self) -> list[int]:
         """Displacements grouped by their quantisers, so a quantised map serves as many as it can."""
