@@ -144,9 +144,9 @@ class _RangeMaps:
         self.images = 0
 
     def observe(self, x: Tensor) -> None:
-        lo, hi = torch.aminmax(x, dim=0) if x.shape[0] else (None, None)
-        if lo is None:
+        if not x.shape[0]:
             return
+        lo, hi = x.amin(dim=0), x.amax(dim=0)  # (torch.aminmax over dim 0 is ~3x slower on CPU)
         if self.lo is None:
             self.lo, self.hi = lo, hi
         else:
