@@ -421,11 +421,11 @@ class _Quantiser:
             bad = (t < self.lo.view(view)) | (t >= self.upper.view(view))
             if drop_zero:
                 bad |= t == 0
-        t.sub_(self.lo.view(view)).mul_(self.scale.view(view)).floor_()
+        t.sub_(self.lo.view(view)).mul_(self.scale.view(view))  # >= 0 for every value in range
         torch.minimum(t, self.top.view(view), out=t)
         if bad is not None:
             t.masked_fill_(bad, trash)
-        return t.to(torch.int32)
+        return t.to(torch.int32)  # truncation == floor on [0, bins)
 
 
 #: pixels per chunk of images in the counting pass (float64 temporaries of about 2 MB)
