@@ -159,7 +159,8 @@ def table(rows: list[dict]):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="model:batches:image_size, comma-separated")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="model:batches:image_size[:side], comma-separated (side: official or streaming; default both)")
     parser.add_argument("--sides", default="official,streaming")
     parser.add_argument("--out", type=Path, default=None, help="folder for results.csv / results.md / environment.json")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per measurement")
@@ -174,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.environment import collect
 
     env = collect(torch.device("cpu"), {"threads": 1, "batch_size": BATCH, "configs": args.configs})
-    jobs = [(c.split(":")[0], int(c.split(":")[1]), int(c.split(":")[2]), side)
-            for c in args.configs.split(",") for side in args.sides.split(",")]
+    jobs = []
+    for config in args.configs.split(","):  # model:batches:size[:side]
+        parts = config.split(":")
+        for side in (parts[3:] or args.sides.split(",")):
+            jobs.append((parts[0], int(parts[1]), int(parts[2]), side))
     rows = []
     for job in tqdm(jobs, desc="mi refresh"):
         rows.append(_subprocess(*job, timeout=args.timeout))
