@@ -1,14 +1,20 @@
 """The gradient form of reparameterization: masks, preconditioners, and the optimizer-side transform."""
 from reparam.errors import NotEquivalentWarning
 from reparam.sgs.attach import SGSHandle, attach_sgs
+from reparam.sgs.dependence import DependenceWarning, scaling_from_dependence, spatial_dependence
 from reparam.sgs.preconditioner import SpatialPreconditioner
+from reparam.sgs.streaming import masks_from_data
 from reparam.sgs.theory import exact_mode, inexact_reasons
 
 __all__ = [
+    "DependenceWarning",
     "NotEquivalentWarning",
     "SGSHandle",
     "SpatialPreconditioner",
     "attach_sgs",
     "exact_mode",
     "inexact_reasons",
+    "masks_from_data",
+    "scaling_from_dependence",
+    "spatial_dependence",
 ]
