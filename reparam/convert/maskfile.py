@@ -205,7 +205,7 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     except FileNotFoundError:
         raise MaskFileError(f"{path}: no such mask file") from None
     except Exception as err:  # noqa: BLE001 - the parser's own errors are not part of our API
