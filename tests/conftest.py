@@ -8,7 +8,10 @@ A test that needs fewer examples than the profile writes
 import os
 
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
+
+from verification.tolerances import EXACT_TOL
 
 settings.register_profile(
     "ci",
@@ -29,3 +32,22 @@ settings.load_profile(os.environ.get("REPARAM_HYPOTHESIS_PROFILE", "ci"))
 
 # Tiny tensors on 2 cores: extra intra-op threads only add overhead.
 torch.set_num_threads(1)
+
+
+# -- helpers shared by the tests (``from conftest import rel_err``) ----------------------------
+#: float64 "exact": the verification engine's own tolerance, never restated as a literal
+F64_TOL = EXACT_TOL[torch.float64]
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` in float64 (a zero reference divides by 1e-300)."""
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-300))
+
+
+def surrogate_grad(z: torch.Tensor, target: torch.Tensor, alpha: float, loss_scale: float = 1.0, dtype=None, **kw):
+    """Gradient of PGT's surrogate ``loss_scale · CE(alpha·z, target) / alpha`` w.r.t. ``z``
+    (computed in ``dtype``, default the dtype of ``z``)."""
+    z = z.detach().to(dtype or z.dtype).clone().requires_grad_()
+    (grad,) = torch.autograd.grad(loss_scale * F.cross_entropy(alpha * z, target, **kw) / alpha, z)
+    return grad

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import F64_TOL, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -16,15 +17,6 @@ from verification.strategies import BNState, blocks, bn_states, conv_configs, ex
 
 #: fusion must hold for every valid geometry, including over-padded ones
 any_block = blocks(configs=conv_configs(over_padding=True), states=bn_states())
-
-F64_TOL = 1e-10
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().item()
-    return (actual - expected).abs().max().item() / max(scale, 1e-300)
-
 
 def make_input(config, batch: int, seed: int, dtype=torch.float64, channels_last: bool = False) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)

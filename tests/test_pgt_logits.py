@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import surrogate_grad
 
 from reparam.errors import PGTAssumptionError
 from reparam.pgt import power_grad_cross_entropy, power_grad_logits
@@ -31,12 +32,10 @@ def _transformed(z, loss_fn, alpha=0.3, upstream=None, **kw):
 
 
 def _surrogate(z, y, alpha=0.3, loss_scale=1.0, **kw):
-    z64 = z.detach().double().requires_grad_()
-    (g,) = torch.autograd.grad(loss_scale * F.cross_entropy(alpha * z64, y, **kw) / alpha, z64)
-    return g
+    return surrogate_grad(z, y, alpha, loss_scale, dtype=torch.float64, **kw)
 
 
-# ------------------------------------------------------------------ item 2: non-finite rows
+# ------------------------------------------------------------------ non-finite rows
 def test_non_finite_upstream_passes_through_float32():
     """An inf upstream gradient (overflow) used to raise 'residual nan'; it must pass through."""
     z, y = _logits(6, 5, dtype=torch.float32)
@@ -62,7 +61,7 @@ def test_fp16_overflow_rows_pass_through_and_finite_rows_are_transformed():
     assert (g[keep].double() - ref[keep]).abs().max().item() <= 2e-3
 
 
-# ------------------------------------------------------------------ item 3: zero rows, explicit scale
+# ------------------------------------------------------------------ zero rows, explicit scale
 def test_explicit_scale_ignored_rows_stay_zero():
     """With scale=S/(non-ignored rows), ignored rows used to get s (p' - p) != 0."""
     z, y = _logits(6, 5)
@@ -77,7 +76,7 @@ def test_explicit_scale_ignored_rows_stay_zero():
     assert torch.equal(g, g2)
 
 
-# ------------------------------------------------------------------ item 6: scale recovery
+# ------------------------------------------------------------------ scale recovery
 def test_masked_class_and_confident_prediction_float32():
     """The true-class gradient rounds to exactly 0 and tied with a masked class: argmin picked
     the masked class and raised.  Now the target is found and the result is right."""
@@ -139,7 +138,7 @@ def test_ignored_rows_are_not_mistaken_for_underflow():
     assert torch.equal(_transformed(z, lambda o: F.cross_entropy(o, y, reduction="sum")), torch.zeros_like(z))
 
 
-# ------------------------------------------------------------------ item 7: what is checked
+# ------------------------------------------------------------------ what is checked
 def test_auto_mode_accepts_losses_of_the_true_class_probability():
     """Focal loss has gradient s (p - e_y) with s = -l'(p_y) p_y: accepted, and the result is
     s (p' - e_y), the loss's own per-row weight times the PGT direction."""
