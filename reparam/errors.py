@@ -34,3 +34,7 @@ class ConversionError(ReparamError):
 class MaskFileError(ReparamError):
     """A mask file is unreadable (corrupted, truncated, not a reparam mask file, unknown
     schema) or does not fit the model it is loaded into (missing layers, wrong shapes)."""
+
+
+class NotEquivalentWarning(UserWarning):
+    """SGS is applied in a way that does not reproduce branched training exactly (``strict=False``)."""

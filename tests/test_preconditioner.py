@@ -9,13 +9,24 @@ from torch import nn
 from torch.func import functional_call
 
 from reparam import SpatialPreconditioner
-from reparam.sgs import jacobian_preconditioner_apply
 from verification.strategies import BlockFactory, ConvConfig, blocks, bn_states, conv_configs
 
 configs = conv_configs(max_channels=4)
 dbb_linear = st.tuples(configs, st.sampled_from(["none", "after"]), st.sampled_from(
     [("kxk", "1x1", "1x1_avg"), ("kxk", "1x1_avg"), ("1x1_avg",), ("1x1", "1x1_avg"), ("kxk", "1x1")]
 )).map(lambda t: (BlockFactory("dbb", t[0], t[1], dbb_branches=t[2]), t[0]))
+
+
+def jacobian_preconditioner_apply(merge, params: list[torch.Tensor], grad: torch.Tensor) -> torch.Tensor:
+    """``J J^T g`` for a merge ``W = merge(*params)`` linear in ``params``, by autograd: ``J^T g``
+    is a vector-Jacobian product, and ``J v = merge(v) - merge(0)`` (the merge is linear)."""
+    params = [p.detach().requires_grad_(True) for p in params]
+    weight = merge(*params)
+    vjp = torch.autograd.grad(weight, params, grad_outputs=grad)
+    constant = merge(*[torch.zeros_like(p) for p in params])
+    return merge(*vjp) - constant
+
+
 linear_blocks = st.one_of(
     blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=configs, states=bn_states()),
     dbb_linear,

@@ -1,7 +1,8 @@
 """The gradient form of reparameterization: masks, preconditioners, and the optimizer-side transform."""
-from reparam.sgs.attach import NotEquivalentWarning, SGSHandle, attach_sgs
+from reparam.errors import NotEquivalentWarning
+from reparam.sgs.attach import SGSHandle, attach_sgs
 from reparam.sgs.dynamic import PUBLISHED_SCHEDULES, DynamicSGS
-from reparam.sgs.preconditioner import SpatialPreconditioner, jacobian_preconditioner_apply
+from reparam.sgs.preconditioner import SpatialPreconditioner
 from reparam.sgs.theory import exact_mode, inexact_reasons
 
 __all__ = [
@@ -13,5 +14,4 @@ __all__ = [
     "attach_sgs",
     "exact_mode",
     "inexact_reasons",
-    "jacobian_preconditioner_apply",
 ]

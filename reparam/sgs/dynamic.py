@@ -158,7 +158,7 @@ class DynamicSGS:
     def _apply(self, masks: Mapping[str, Tensor]) -> None:
         """Write ``masks`` into the handle in place, or attach one (first refresh, a new set of layers)."""
         masks = {name: g.detach().clone() for name, g in masks.items()}
-        if self._handle is not None and set(masks) == set(self._masks) and hasattr(self._handle, "set_masks"):  # TODO stub
+        if self._handle is not None and set(masks) == set(self._masks):
             self._handle.set_masks(masks, model=self.model)
         else:
             self.remove()

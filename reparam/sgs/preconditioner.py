@@ -46,16 +46,3 @@ class SpatialPreconditioner:
         grad.copy_(out.view(grad.shape))
         return grad
 
-
-def jacobian_preconditioner_apply(merge, params: list[Tensor], grad: Tensor) -> Tensor:
-    """``J J^T g`` for a merge ``W = merge(*params)`` linear in ``params``, by autograd.
-
-    ``J^T g`` is a vector-Jacobian product; applying ``J`` to it is the merge itself
-    (linear, so ``J v = merge(v)`` once the constant part ``merge(0)`` is removed).
-    Reference implementation for checking closed-form preconditioners.
-    """
-    params = [p.detach().requires_grad_(True) for p in params]
-    weight = merge(*params)
-    vjp = torch.autograd.grad(weight, params, grad_outputs=grad)
-    constant = merge(*[torch.zeros_like(p) for p in params])
-    return merge(*vjp) - constant

@@ -30,7 +30,8 @@ ELEMENTWISE_ADAPTIVE: tuple[type, ...] = (
     torch.optim.RMSprop,
     torch.optim.Adadelta,
 )
-MODES = ("grad", "update")
+#: the ways of applying SGS, in the order ``mode="auto"`` prefers them
+SGS_MODES = ("grad", "update")
 #: what ``mode="auto"`` uses, with a warning, when no mode is exact (``strict=False``)
 FALLBACK_MODE = "grad"
 
@@ -100,6 +101,12 @@ def inexact_reasons(optimizer: torch.optim.Optimizer, groups: list[dict], nondia
     return {"grad": grad, "update": update}
 
 
+def verdict_inputs(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> tuple:
+    """Everything :func:`inexact_reasons` reads, as a tuple cheap to compare at every step: the
+    verdict can change only when this does (keep the two in step)."""
+    return (type(optimizer), nondiagonal, tuple(coupled_decay(optimizer, g) != 0 for g in groups))
+
+
 def radam_first_rectified_step(beta2: float) -> int:
     """The first step ``t`` at which RAdam's variance rectification switches on
     (``rho_t > 5``). Before it RAdam steps with bias-corrected momentum only, which is linear in
@@ -159,8 +166,8 @@ def why_exact(optimizer: torch.optim.Optimizer, groups: list[dict], mode: str, s
 
 
 def first_exact(reasons: dict[str, str | None]) -> str | None:
-    """The first mode of :data:`MODES` (``"grad"`` preferred) that ``reasons`` calls exact, or None."""
-    return next((mode for mode in MODES if reasons[mode] is None), None)
+    """The first mode of :data:`SGS_MODES` (``"grad"`` preferred) that ``reasons`` calls exact, or None."""
+    return next((mode for mode in SGS_MODES if reasons[mode] is None), None)
 
 
 def exact_mode(optimizer: torch.optim.Optimizer, groups: list[dict], nondiagonal: bool = False) -> str | None:
