@@ -159,7 +159,7 @@ def test_dynamic_sgs_refreshes_identically_on_every_rank(ranks):
 
 
 def test_dynamic_sgs_under_ddp_computes_g_on_the_union_of_the_ranks_batches(ranks):
-    from reparam.sgs.dependence import masks_from_data
+    from reparam.sgs.streaming import masks_from_data
 
     (r0, _), _ = ranks
     union = [x for r in range(WORLD) for x, _ in _loader(r)]

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-import reparam.sgs.dependence as dependence
+import reparam.sgs.streaming as streaming
 from reparam import ConfigError, DynamicSGS, attach_sgs
 from reparam.sgs import PUBLISHED_SCHEDULES
 
@@ -42,8 +42,8 @@ def weights(model):
 
 def test_schedule_follows_the_official_rule_and_refreshes_once_per_epoch(monkeypatch):
     calls = []
-    real = dependence.masks_from_data
-    monkeypatch.setattr(dependence, "masks_from_data", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = streaming.masks_from_data
+    monkeypatch.setattr(streaming, "masks_from_data", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model = tiny_cnn()
     dyn = DynamicSGS(model, sgd(model), DATA, warmup=1, every=5, num_batches=2)
     assert [e for e in range(16) if dyn.is_due(e)] == [1, 5, 10, 15]
@@ -67,7 +67,7 @@ def test_g_is_one_before_warmup_then_the_data_driven_g_in_place():
     # reference: the same G attached by hand
     ref_opt = sgd(plain)
     ref_opt.load_state_dict(opt_p.state_dict())
-    expected = dependence.masks_from_data(plain, [x for x, _ in DATA[:2]])
+    expected = streaming.masks_from_data(plain, [x for x, _ in DATA[:2]])
     assert all(torch.equal(expected[n], masks_1[n]) for n in expected)
     with attach_sgs(ref_opt, expected, mode="grad", model=plain):
         train(plain, ref_opt, None, range(1, 2))

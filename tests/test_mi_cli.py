@@ -70,7 +70,7 @@ def test_mi_natural_writes_masks_metadata_and_figures(nets, tmp_path, capsys):
     assert set(masks) == {"0.weight", "3.weight"}  # the 1x1 conv has no spatial taps
     meta = read_mask_file(out).metadata
     assert meta["k"] == 4.0 and meta["batches"] == 2 and meta["batch_size"] == 6 and meta["images"] == "natural"
-    from reparam.sgs.dependence import masks_from_data
+    from reparam.sgs.streaming import masks_from_data
 
     expected = masks_from_data(model, image_batches("natural", 2, 6, 12), k=4.0)
     assert all(torch.allclose(masks[n], expected[n].to(masks[n].dtype)) for n in expected)

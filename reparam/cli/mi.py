@@ -11,7 +11,7 @@ from typing import Any
 
 from reparam.cli._convert_common import fail
 
-MEASURES = ("nmi",)
+MEASURES = ("nmi", "autocorrelation")  # reparam.sgs.dependence.MEASURES (not imported: --help stays fast)
 
 
 def register(subparsers: Any) -> None:
@@ -61,6 +61,8 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
             return f"{flag} {value}: must be >= 1"
     if not args.k >= 1:
         return f"--k {args.k}: must be >= 1 (the paper uses 5)"
+    if args.diagonal_removal and args.measure != "nmi":
+        return f"--diagonal-removal applies to --measure nmi only, not {args.measure}"
     if args.crop_scale is not None and not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         return f"--crop-scale {args.crop_scale[0]} {args.crop_scale[1]}: need 0 < LO <= HI <= 1"
     if args.device != "cpu":
@@ -126,18 +128,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _compute(args: argparse.Namespace, model):
     import torch
-    from tqdm import tqdm
 
     from reparam.images import image_batches
-    from reparam.sgs.dependence import masks_from_data
+    from reparam.sgs.streaming import masks_from_data
 
     crop_scale = tuple(args.crop_scale) if args.crop_scale else None
     batches = image_batches(args.images, args.batches, args.batch_size, args.image_size, seed=args.seed, scale=crop_scale)
     model = model.to(args.device)
     with torch.no_grad():
-        feed = tqdm(batches, desc="reparam mi: statistics", unit="batch", leave=False)
-        return masks_from_data(model, (b.to(args.device) for b in feed), k=args.k, diagonal_removal=args.diagonal_removal,
-                               exclude_padding=args.exclude_padding, measure=args.measure)
+        return masks_from_data(model, [b.to(args.device) for b in batches], k=args.k, progress=True,
+                               diagonal_removal=args.diagonal_removal, exclude_padding=args.exclude_padding,
+                               measure=args.measure)
 
 
 def _metadata(args: argparse.Namespace) -> dict[str, Any]:

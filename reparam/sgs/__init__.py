@@ -1,12 +1,15 @@
 """The gradient form of reparameterization: masks, preconditioners, and the optimizer-side transform."""
 from reparam.errors import NotEquivalentWarning
 from reparam.sgs.attach import SGSHandle, attach_sgs
+from reparam.sgs.dependence import DependenceWarning, scaling_from_dependence, spatial_dependence
 from reparam.sgs.dynamic import PUBLISHED_SCHEDULES, DynamicSGS
 from reparam.sgs.preconditioner import SpatialPreconditioner
+from reparam.sgs.streaming import masks_from_data
 from reparam.sgs.theory import exact_mode, inexact_reasons
 
 __all__ = [
     "PUBLISHED_SCHEDULES",
+    "DependenceWarning",
     "DynamicSGS",
     "NotEquivalentWarning",
     "SGSHandle",
@@ -14,4 +17,7 @@ __all__ = [
     "attach_sgs",
     "exact_mode",
     "inexact_reasons",
+    "masks_from_data",
+    "scaling_from_dependence",
+    "spatial_dependence",
 ]

@@ -39,17 +39,6 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
-def _default_group(process_group: Any) -> Any:
-    """``"auto"``: the default (world) group when torch.distributed is initialised with more than
-    one process, else no reduction."""
-    if process_group != "auto":
-        return process_group
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.group.WORLD
-    return None
-
-
 class DynamicSGS:
     """Data-driven SGS on a schedule: ``G = 1`` before epoch ``warmup``; at ``epoch == warmup``
     and then at every epoch with ``epoch % every == 0``, ``G`` is recomputed from the first
@@ -63,9 +52,10 @@ class DynamicSGS:
       ``torch.nn.utils.clip_grad_norm_``. ``clip_order="before"`` (default, the official code's
       order) clips the raw gradient, which ``G`` then scales; ``"after"`` bounds the norm of the
       scaled gradient ``G ⊙ g`` the optimizer will see (grad mode only).
-    - Distributed: ``process_group="auto"`` reduces the statistics over the default group when
-      torch.distributed is initialised (every rank must call ``epoch_start`` with the same
-      epochs: the refresh is a collective), so every rank gets the same ``G``. A DDP wrapper
+    - Distributed: the statistics are reduced over ``process_group`` (None: the default group
+      when torch.distributed is initialised), so every rank gets the same ``G``, the one of a
+      single process on the union of the ranks' batches. Every rank must call ``epoch_start``
+      with the same epochs (the refresh is a collective). A DDP wrapper
       is looked through: masks are keyed by the wrapped module's parameter names.
     - ``state_dict()`` holds ``G``, the epoch of the last refresh and the settings, so a resumed
       run keeps its ``G``; load it after ``optimizer.load_state_dict`` (it re-attaches).
@@ -90,7 +80,7 @@ class DynamicSGS:
         mode: str = "grad",
         strict: bool = True,
         clip_order: str = "before",
-        process_group: Any = "auto",
+        process_group: Any = None,
         progress: bool = False,
     ) -> None:
         _check_settings(warmup, every, num_batches, k, mode, clip_order)
@@ -121,12 +111,12 @@ class DynamicSGS:
 
     def refresh(self, epoch: int | None = None) -> dict[str, Tensor]:
         """Recompute ``G`` from ``num_batches`` batches of the loader and apply it in place."""
-        from reparam.sgs.dependence import masks_from_data
+        from reparam.sgs.streaming import masks_from_data
 
         masks = masks_from_data(
             self.model, self._batches(), k=self.k, diagonal_removal=self.diagonal_removal,
             exclude_padding=self.exclude_padding, measure=self.measure,
-            process_group=_default_group(self.process_group), progress=self.progress,
+            process_group=self.process_group, progress=self.progress,
         )
         if not masks:
             raise ConfigError(
@@ -137,23 +127,24 @@ class DynamicSGS:
         self.last_refresh = epoch
         return self.masks
 
-    def _batches(self) -> Iterable[Tensor]:
-        """The inputs of the loader's first ``num_batches`` batches, on the model's device."""
+    def _batches(self) -> list[Tensor]:
+        """The inputs of the loader's first ``num_batches`` batches, on the model's device (a list:
+        the statistic passes over them twice, ranges then counts)."""
         device = next(self.model.parameters()).device
-        count = 0
+        batches = []
         for batch in itertools.islice(iter(self.loader), self.num_batches):
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if not isinstance(x, Tensor):
                 raise ConfigError(
                     f"DynamicSGS: the loader yielded a {type(x).__name__}; it must yield tensors or (input, target) pairs"
                 )
-            count += 1
-            yield x.to(device, non_blocking=True)
-        if count == 0:
+            batches.append(x.to(device, non_blocking=True))
+        if not batches:
             raise ConfigError("DynamicSGS: the loader yielded no batch, so G cannot be computed")
-        if count < self.num_batches:
-            warnings.warn(f"DynamicSGS: the loader has {count} batches, fewer than num_batches={self.num_batches}; "
+        if len(batches) < self.num_batches:
+            warnings.warn(f"DynamicSGS: the loader has {len(batches)} batches, fewer than num_batches={self.num_batches}; "
                           "G is computed from those", stacklevel=3)
+        return batches
 
     def _apply(self, masks: Mapping[str, Tensor]) -> None:
         """Write ``masks`` into the handle in place, or attach one (first refresh, a new set of layers)."""
