@@ -10,8 +10,7 @@ import os
 from typing import Any
 
 from reparam.cli._convert_common import fail
-
-MEASURES = ("nmi", "autocorrelation")  # reparam.sgs.dependence.MEASURES (not imported: --help stays fast)
+from reparam.sgs.dependence import MEASURES
 
 
 def register(subparsers: Any) -> None:
