@@ -157,7 +157,7 @@ def _save(args: argparse.Namespace, model, masks) -> None:
     masks = {name: g.detach().cpu() for name, g in masks.items()}
     save_masks(args.out, masks, model=model, metadata=_metadata(args))
     table = g_table(masks)
-    shown = table.iloc[depth_subset(len(table), 16)]
+    shown = table if len(table) <= 20 else table.iloc[depth_subset(len(table), 12)]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", max_colwidth=32))
     if len(shown) < len(table):
         print(f"({len(shown)} of {len(table)} layers shown; all are in {args.out})")

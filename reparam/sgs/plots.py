@@ -56,7 +56,7 @@ def _pyplot():
 
 def plot_g_grid(masks: Mapping[str, Tensor], path: str | os.PathLike, title: str = "", max_layers: int = 24,
                 columns: int = 6) -> list[int]:
-    """A heatmap per layer on one colour scale, values written in the cells up to 5x5; more
+    """A heatmap per layer on one colour scale, values written in the cells (only the centre beyond 5x5); more
     than ``max_layers`` layers: an evenly spaced subset by depth (said in the title). Returns
     the depth indices shown."""
     if not masks:
@@ -75,11 +75,10 @@ def plot_g_grid(masks: Mapping[str, Tensor], path: str | os.PathLike, title: str
         name, g = items[index]
         g = _kernel(g)
         image = ax.imshow(g.numpy(), cmap="magma", vmin=0, vmax=vmax)
-        if max(g.shape) <= 5:
-            size = 8 if max(g.shape) <= 3 else 6
-            for (i, j), v in zip(((i, j) for i in range(g.shape[0]) for j in range(g.shape[1])), g.reshape(-1).tolist()):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size,
-                        color="black" if v > 0.6 * vmax else "white")
+        size = 8 if max(g.shape) <= 3 else 6
+        for i, j in _annotated_cells(g.shape):
+            v = float(g[i, j])
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=size, color="black" if v > 0.6 * vmax else "white")
         label = name.removesuffix(".weight")
         ax.set_title(f"#{index} " + (label if len(label) <= 20 else "…" + label[-19:]), fontsize=7)
     subset = f" — {len(shown)} of {len(items)} layers, evenly spaced by depth" if len(shown) < len(items) else ""
@@ -88,6 +87,14 @@ def plot_g_grid(masks: Mapping[str, Tensor], path: str | os.PathLike, title: str
     fig.savefig(os.fspath(path), dpi=100)
     plt.close(fig)
     return shown
+
+
+def _annotated_cells(shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """Every cell up to 5x5; only the centre of a larger kernel."""
+    kh, kw = shape
+    if max(kh, kw) <= 5:
+        return [(i, j) for i in range(kh) for j in range(kw)]
+    return [(kh // 2, kw // 2)]
 
 
 def plot_g_depth(masks: Mapping[str, Tensor], path: str | os.PathLike, title: str = "") -> None:
