@@ -158,7 +158,8 @@ def _save(args: argparse.Namespace, model, masks) -> None:
     save_masks(args.out, masks, model=model, metadata=_metadata(args))
     table = g_table(masks)
     shown = table if len(table) <= 20 else table.iloc[depth_subset(len(table), 12)]
-    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", max_colwidth=32))
+    shown = shown.assign(name=shown["name"].map(lambda n: n if len(n) <= 34 else "…" + n[-33:]))  # the tail tells layers apart
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if len(shown) < len(table):
         print(f"({len(shown)} of {len(table)} layers shown; all are in {args.out})")
     written = [args.out]
