@@ -12,7 +12,7 @@ from reparam.pgt import (
     power_grad_cross_entropy,
     power_grad_logits,
 )
-from reparam.sgs import NotEquivalentWarning, SGSHandle, SpatialPreconditioner, attach_sgs
+from reparam.sgs import DynamicSGS, NotEquivalentWarning, SGSHandle, SpatialPreconditioner, attach_sgs
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "ACBlock",
     "ConfigError",
     "DBBlock",
+    "DynamicSGS",
     "NotEquivalent",
     "NotEquivalentWarning",
     "NotMaskEquivalent",
