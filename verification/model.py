@@ -14,11 +14,11 @@ divergence floor of :mod:`verification.tolerances` and ``d`` / ``f`` the SGS / t
 1. ``d`` not finite: ``diverges``.
 2. the weights moved less than ``MOVED_FACTOR * tol`` (relative) from their start: ``inconclusive``
    (with no movement every parameterization looks exact).
-3. ``d <= tol``: ``exact``.
-4. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
+3. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
    approximation (BatchNorm inside branches), else ``diverges``.
-5. ``f > tol / 10`` (rounding alone comes within 10x of the tolerance, or the twin blew up):
-   ``ill-conditioned``: too ill-conditioned to tell SGS from amplified rounding.
+4. ``f > tol / 10`` (rounding alone comes within 10x of the tolerance, or the twin blew up):
+   ``ill-conditioned``: the tolerance cannot separate SGS from amplified rounding here.
+5. ``d <= tol``: ``exact``.
 6. otherwise ``inconclusive``.
 """
 from __future__ import annotations
@@ -80,16 +80,17 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
     if not moved >= MOVED_FACTOR * tol:
         return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {MOVED_FACTOR * tol:.0e}: "
                               "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
-    if dev <= tol:
-        return EXACT, f"deviation {dev:.1e} <= tolerance {tol:.0e} (noise floor {floor:.1e}, weights moved {moved:.1e})"
     threshold = max(div, CHAOS_MARGIN * floor) if math.isfinite(floor) else math.inf
     if dev >= threshold:
         return real, (f"deviation {dev:.1e} >= {threshold:.1e} (divergence floor {div:.0e}, "
                       f"{CHAOS_MARGIN:.0f} x noise floor {floor:.1e})")
     if not floor <= tol / 10:
-        return ILL_CONDITIONED, (f"rounding alone reaches {floor:.1e} here (the rounding twin), so a deviation of {dev:.1e} "
-                                 f"cannot be told from amplified rounding: too ill-conditioned to judge; use a larger batch "
-                                 "or image size, fewer steps, or float64")
+        return ILL_CONDITIONED, (f"rounding alone reaches {floor:.1e} here (the rounding twin), within 10x of the "
+                                 f"tolerance {tol:.0e}, so SGS (deviation {dev:.1e}) cannot be told from amplified "
+                                 "rounding: too ill-conditioned to judge; use a larger batch or image size, fewer steps, "
+                                 "a smaller learning rate or float64")
+    if dev <= tol:
+        return EXACT, f"deviation {dev:.1e} <= tolerance {tol:.0e} (noise floor {floor:.1e}, weights moved {moved:.1e})"
     return INCONCLUSIVE, f"deviation {dev:.1e} between the tolerance {tol:.0e} and the divergence floor {div:.0e}"
 
 
@@ -348,7 +349,7 @@ class _Recorder:
         reference = {layer: view() for layer, view in self.reference.items()}
         for side, views in self.views.items():
             for layer, view in views.items():
-                tensors = [t.detach().clone() for t in view()]
+                tensors = [t.detach().clone() for t in (reference[layer] if side == "branched" else view())]
                 if not tensors:
                     continue
                 start = self.start.setdefault((side, layer), tensors)
