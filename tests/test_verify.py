@@ -36,7 +36,7 @@ def test_suite_notices_a_broken_transform(monkeypatch):
 
     monkeypatch.setattr(engine, "attach_sgs", without_masks)
     summary, _ = run_sgs_section(default_cases(["acb"], ["none"], ["sgd-momentum", "adam"]), steps=5)
-    auto = summary[summary["mode"] == "auto"]
+    auto = summary[summary.applied == "auto"]
     assert (auto.observed == "diverges").all() and not auto.match.any()
 
 
@@ -78,8 +78,8 @@ def test_each_case_pair_runs_both_modes():
     cases = default_cases(["acb"], ["none"])
     summary, _ = run_sgs_section(cases, steps=4)
     for optimizer, rows in summary.groupby("optimizer"):
-        assert sorted(rows.applied_mode) == ["grad", "update"], optimizer
-    coupled = summary[(summary.optimizer == "adam-coupled-wd") & (summary["mode"] == "update")]
+        assert sorted(rows.sgs_mode) == ["grad", "update"], optimizer
+    coupled = summary[(summary.optimizer == "adam-coupled-wd") & (summary.sgs_mode == "update")]
     assert len(coupled) == 1 and coupled.expected.item() == coupled.observed.item() == "diverges"
     assert "coupled weight_decay" in coupled.detail.item()
     assert summary.match.all(), summary[["case", "expected", "observed"]]
@@ -87,11 +87,12 @@ def test_each_case_pair_runs_both_modes():
 
 def test_report_says_why_sgd_is_exact_in_both_modes():
     summary, _ = run_sgs_section(default_cases(["repvgg"], ["none"], ["sgd"]), steps=3)
-    update = summary[summary["mode"] == "update"].iloc[0]
+    update = summary[summary.applied == "wrong"].iloc[0]
+    assert update.sgs_mode == "update"
     assert update.expected == update.observed == "exact"
     assert "without weight decay" in update.detail and "linear" in update.detail
-    auto = summary[summary["mode"] == "auto"].iloc[0]
-    assert auto.applied_mode == "grad" and "linear in the gradient" in auto.detail
+    auto = summary[summary.applied == "auto"].iloc[0]
+    assert auto.sgs_mode == "grad" and "linear in the gradient" in auto.detail
 
 
 @pytest.mark.parametrize("steps", [0, -2])

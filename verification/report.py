@@ -11,9 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from verification.schema import SUMMARY_COLUMNS  # noqa: E402, F401 (re-exported)
 from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL  # noqa: E402
 
-SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
 VERDICT_COLOURS = {"exact": "tab:green", "approximate": "tab:orange", "diverges": "tab:red", "inconclusive": "tab:purple"}
 #: what each section's deviation is measured against (y-axis label)
 REFERENCE_TRAINING = {"sgs": "branched training", "pgt": "surrogate training"}
@@ -78,5 +78,5 @@ def verdict_grid(summary: pd.DataFrame) -> pd.DataFrame:
     if sgs.empty:
         return sgs
     sgs["cell"] = sgs.observed.str[0].str.upper().replace({"I": "?"}) + sgs.match.map({True: "", False: "!"})
-    sgs["column"] = sgs.block + "/" + sgs.bn + "/" + sgs["mode"].where(sgs["mode"] == "auto", "wrong")
+    sgs["column"] = sgs.block + "/" + sgs.bn + "/" + sgs.applied
     return sgs.pivot(index="optimizer", columns="column", values="cell").reindex(list(dict.fromkeys(sgs.optimizer)))
