@@ -70,11 +70,16 @@ def deviation(reference: Sequence[Tensor], other: Sequence[Tensor], per_tensor: 
     diffs, scales = [], []
     with torch.no_grad():
         for ref, oth in zip(reference, other):
-            ref, oth = ref.detach(), oth.detach()
-            if not (bool(torch.isfinite(ref).all()) and bool(torch.isfinite(oth).all())):
+            if not ref.numel():
+                continue
+            # torch's max propagates NaN; a NaN/inf in either side makes one of the two non-finite
+            diff, scale = float((oth.detach() - ref.detach()).abs().max()), float(ref.detach().abs().max())
+            if not (math.isfinite(diff) and math.isfinite(scale)):
                 return math.inf, math.inf
-            diffs.append(float((oth - ref).abs().max()) if ref.numel() else 0.0)
-            scales.append(float(ref.abs().max()) if ref.numel() else 0.0)
+            diffs.append(diff)
+            scales.append(scale)
+    if not diffs:
+        return 0.0, 0.0
     if per_tensor:
         rel = max(d / (s if s > 0 else 1.0) for d, s in zip(diffs, scales))
     else:
