@@ -12,7 +12,7 @@ step). The verdict rule (:func:`judge`), with ``tol`` / ``floor_div`` the exact 
 divergence floor of :mod:`verification.tolerances` and ``d`` / ``f`` the SGS / twin deviations:
 
 1. ``d`` not finite: ``diverges``.
-2. the weights moved less than ``MOVED_FACTOR * tol`` (relative) from their start: ``inconclusive``
+2. the weights moved less than ``min_movement(dtype)`` (relative) from their start: ``inconclusive``
    (with no movement every parameterization looks exact).
 3. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
    approximation (BatchNorm inside branches), else ``diverges``.
@@ -44,6 +44,7 @@ from reparam.errors import ConfigError
 from reparam.kernels import fold_batchnorm
 from reparam.sgs import NotEquivalentWarning, attach_sgs
 from reparam.sgs.theory import inexact_reasons_for_steps, why_exact
+from verification.lockstep import Side, deviation, movement, run_lockstep, snapshot, worst
 from verification.optim_spec import OptimizerSpec, ScheduleSpec, parse_optimizer, parse_schedule
 from verification.tolerances import (
     APPROXIMATE,
@@ -54,11 +55,10 @@ from verification.tolerances import (
     INCONCLUSIVE,
     check_steps,
     full_precision,
+    min_movement,
 )
 
 ILL_CONDITIONED = "ill-conditioned"
-#: an exact verdict needs the weights to have moved at least this many exact tolerances
-MOVED_FACTOR = 100.0
 #: under a large noise floor, a deviation counts as real only this many times above it
 CHAOS_MARGIN = 100.0
 #: tiny defaults that run in seconds on a CPU (resnet18 at these settings: ~0.1 s a step per side)
@@ -77,8 +77,8 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
     real = APPROXIMATE if approximation else DIVERGES
     if not math.isfinite(dev):
         return DIVERGES, "the SGS side went non-finite (NaN/inf)"
-    if not moved >= MOVED_FACTOR * tol:
-        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {MOVED_FACTOR * tol:.0e}: "
+    if not moved >= min_movement(dtype):
+        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {min_movement(dtype):.0e}: "
                               "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
     threshold = max(div, CHAOS_MARGIN * floor) if math.isfinite(floor) else math.inf
     if dev >= threshold:
@@ -95,19 +95,6 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
 
 
 # -- the layers compared -------------------------------------------------------------------------
-def _rel(reference: list[Tensor], other: list[Tensor]) -> tuple[float, float]:
-    """(max abs, max relative) difference over tensor pairs; relative per tensor, to its own scale."""
-    worst_abs, worst_rel = 0.0, 0.0
-    for a, b in zip(reference, other):
-        diff = (a.detach() - b.detach()).abs().max().item() if a.numel() else 0.0
-        scale = a.detach().abs().max().item() if a.numel() else 0.0
-        rel = diff / scale if scale > 0 else diff
-        if not math.isfinite(diff):
-            return math.inf, math.inf
-        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, rel)
-    return worst_abs, worst_rel
-
-
 def block_tensors(block: nn.Module) -> list[Tensor]:
     """What a branched layer trains, as the plain layer sees it: the merged pre-BN kernel (and bias,
     and the post-sum BN's affine parameters); with BN inside the branches, the eval-mode fused
@@ -164,16 +151,6 @@ def _other_parameters(reference: nn.Module, other: nn.Module, blocks: Iterable[s
 
 
 # -- sides and training ----------------------------------------------------------------------------
-@dataclass
-class Side:
-    """One model trained in lock-step with the others."""
-
-    name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object | None = None
-
-
 def _logits(output: object) -> Tensor:
     if isinstance(output, (tuple, list)) and output:
         output = output[0]  # e.g. inception's (logits, aux)
@@ -183,22 +160,10 @@ def _logits(output: object) -> Tensor:
     return output
 
 
-def _loss(output: object, target: Tensor) -> Tensor:
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """Cross-entropy on random labels: non-linear, so the gradient depends on the weights."""
-    return F.cross_entropy(_logits(output), target)
-
-
-def _train_lockstep(sides: list[Side], batches: list[tuple[Tensor, Tensor]], observe: Callable[[int], None],
-                    progress: bool) -> None:
-    """One step of every side on each batch in turn, then ``observe(step)``."""
-    for step, (x, y) in enumerate(tqdm(batches, desc="verify --model", unit="step", disable=not progress, leave=False), 1):
-        for side in sides:
-            side.optimizer.zero_grad(set_to_none=True)
-            _loss(side.model(x), y).backward()
-            side.optimizer.step()
-            if side.scheduler is not None:
-                side.scheduler.step()
-        observe(step)
+    x, target = batch
+    return F.cross_entropy(_logits(model(x)), target)
 
 
 def _modes(model: nn.Module) -> dict[str, bool]:
@@ -334,7 +299,6 @@ class _Recorder:
             self.views[name] = views
         self.reference = self.views["branched"]
         self.start: dict[tuple[str, str], list[Tensor]] = {}
-        self.rows: list[dict] = []
 
     @staticmethod
     def _branched_views(model: nn.Module, names: list[str], plain: nn.Module) -> dict[str, View]:
@@ -345,27 +309,18 @@ class _Recorder:
         return views
 
     @torch.no_grad()
-    def observe(self, step: int) -> None:
+    def observe(self, step: int) -> list[dict]:
         reference = {layer: view() for layer, view in self.reference.items()}
+        rows = []
         for side, views in self.views.items():
             for layer, view in views.items():
-                tensors = [t.detach().clone() for t in (reference[layer] if side == "branched" else view())]
+                tensors = snapshot(reference[layer] if side == "branched" else view())
                 if not tensors:
                     continue
                 start = self.start.setdefault((side, layer), tensors)
-                abs_dev, rel_dev = _rel(reference[layer], tensors)
-                _, moved = _rel(start, tensors)
-                self.rows.append(dict(step=step, side=side, layer=layer, abs_dev=abs_dev, rel_dev=rel_dev, moved_rel=moved))
-
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows)
-
-
-def _worst(values: pd.Series) -> float:
-    """The max, with any NaN/inf counted as inf (pandas' max skips NaN)."""
-    if values.empty:
-        return math.nan
-    return math.inf if not values.map(math.isfinite).all() else float(values.max())
+                abs_dev, rel_dev = deviation(reference[layer], tensors, per_tensor=True)
+                rows.append(dict(side=side, layer=layer, abs_dev=abs_dev, rel_dev=rel_dev, moved_rel=movement(start, tensors)[1]))
+        return rows
 
 
 def _summary(per_step: pd.DataFrame, floor_side: str, layers: dict[str, tuple[str, str]], expected: tuple[str, str],
@@ -375,13 +330,13 @@ def _summary(per_step: pd.DataFrame, floor_side: str, layers: dict[str, tuple[st
     rows = []
     for layer, frame in per_step.groupby("layer", sort=False):
         sgs, twin, ref = (frame[frame.side == s] for s in ("sgs", floor_side, "branched"))
-        moved = min(_worst(ref.moved_rel), _worst(sgs.moved_rel))
+        moved = min(worst(ref.moved_rel), worst(sgs.moved_rel))
         rows.append(dict(layer=layer, block=layers.get(layer, ("", ""))[0], bn=layers.get(layer, ("", ""))[1],
-                         max_rel_dev=_worst(sgs.rel_dev), max_abs_dev=_worst(sgs.abs_dev),
-                         floor_rel_dev=_worst(twin.rel_dev), moved_rel=moved))
+                         max_rel_dev=worst(sgs.rel_dev), max_abs_dev=worst(sgs.abs_dev),
+                         floor_rel_dev=worst(twin.rel_dev), moved_rel=moved))
     summary = pd.DataFrame(rows)
-    overall = dict(layer=OVERALL, block="", bn="", max_rel_dev=_worst(summary.max_rel_dev),
-                   max_abs_dev=_worst(summary.max_abs_dev), floor_rel_dev=_worst(summary.floor_rel_dev),
+    overall = dict(layer=OVERALL, block="", bn="", max_rel_dev=worst(summary.max_rel_dev),
+                   max_abs_dev=worst(summary.max_abs_dev), floor_rel_dev=worst(summary.floor_rel_dev),
                    moved_rel=float(summary.moved_rel.max()))
     summary = pd.concat([summary, pd.DataFrame([overall])], ignore_index=True)
     judged = [judge(r.max_rel_dev, r.floor_rel_dev, r.moved_rel, dtype, approximation) for r in summary.itertuples()]
@@ -438,6 +393,7 @@ def plot_model_deviation(result: ModelVerification, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from verification.report import VERDICT_COLOURS
 
@@ -460,13 +416,15 @@ def plot_model_deviation(result: ModelVerification, path: Path) -> Path:
     ax.set(yscale="log", xlabel="step", ylabel="max relative deviation from branched training",
            title=f"{result.metadata.get('model', '')}: {result.verdict} (expected {result.expected})")
     ax.legend(fontsize=7, loc="upper left")
-    moved = frame[frame.side.isin(["branched", "sgs"])].groupby(["side", "step"]).moved_rel.max()
+    moved = frame[frame.side.isin(["branched", "sgs"]) & (frame.step > 0)].groupby(["side", "step"]).moved_rel.max()
     for side, style in (("branched", "-"), ("sgs", "--")):
         ax_moved.plot(moved[side].index, moved[side].clip(lower=1e-17), linestyle=style, label=side)
-    ax_moved.axhline(MOVED_FACTOR * EXACT_TOL[dtype], color="black", linestyle=":", linewidth=0.8,
+    ax_moved.axhline(min_movement(dtype), color="black", linestyle=":", linewidth=0.8,
                      label="needed for an exact verdict")
     ax_moved.set(yscale="log", xlabel="step", ylabel="max relative change from the start", title="weights moved")
     ax_moved.legend(fontsize=7)
+    for axis in (ax, ax_moved):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -542,12 +500,12 @@ def verify_model(
     handle = _attach(sides[-1], sgs_masks, constants)
     expected = _expectation(conversion.report, sides[-1].optimizer, handle.mode, steps, injected)
     recorder = _Recorder(sides, _plain_layers(plain, conversion.report))
-    recorder.observe(0)
     try:
-        _train_lockstep(sides, batches, recorder.observe, progress)
+        with tqdm(total=steps, desc="verify --model", unit="step", disable=not progress, leave=False) as bar:
+            observe = lambda step: (bar.update(step > 0), recorder.observe(step))[1]
+            per_step = pd.DataFrame(run_lockstep(sides, batches, _loss, steps, observe, observe_start=True))
     finally:
         handle.remove()
-    per_step = recorder.frame()
     layers = {row.block_name: (row.block, row.bn) for row in conversion.report.layers}
     summary = _summary(per_step, floor_side, layers, expected, dtype)
     overall = summary.iloc[-1]
