@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from reparam.cli._common import INTERRUPTED, fail, output_dir_problem, sigterm_as_interrupt
+from reparam.cli._verify_model import add_model_arguments, run_model
 from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -73,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per case (unless --steps is given)")
     parser.add_argument("--out", type=Path, default=Path("reports/verify"),
                         help="report folder, created if needed (default: reports/verify)")
+    add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -159,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     130 interrupted (partial reports written)."""
     from verification.schema import frames
 
+    if args.model:
+        return run_model(args)
     problem = _problem(args)
     if problem is not None:
         return fail("verify", problem)
