@@ -26,12 +26,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reparam.blocks import DBB_BRANCHES, ACBlock, DBBlock, ReparamBlock, RepVGGBlock
+from reparam.blocks import BLOCKS, BN_PLACEMENTS, DBB_BRANCHES, ReparamBlock
+from verification.optimizers import ADAPTIVE_OPTIMIZERS  # the theory's element-wise adaptive classes
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
     "BASE_EXAMPLES",
-    "BLOCK_TYPES",
     "BNState",
     "ConvConfig",
     "DECOUPLED_DECAY_OPTIMIZERS",
@@ -45,10 +45,6 @@ __all__ = [
     "sgd_optimizers",
 ]
 
-BLOCK_TYPES: dict[str, type[ReparamBlock]] = {"acb": ACBlock, "repvgg": RepVGGBlock, "dbb": DBBlock}
-
-#: the optimizers for which SGS in mode "update" is exact (without coupled weight decay)
-ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta")
 
 
 def accepts(optimizer_cls: type, option: str) -> bool:
@@ -130,11 +126,6 @@ class ConvConfig:
     @property
     def depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
-
-    @property
-    def has_identity(self) -> bool:
-        """Whether a RepVGG block of this geometry gets an identity branch."""
-        return self.in_channels == self.out_channels and self.stride == (1, 1)
 
 
 def _divisors(n: int) -> list[int]:
@@ -264,7 +255,7 @@ class BlockFactory:
 
     @property
     def cls(self) -> type[ReparamBlock]:
-        return BLOCK_TYPES[self.block_type]
+        return BLOCKS[self.block_type]
 
     def __call__(self) -> ReparamBlock:
         extra = {"branches": self.dbb_branches} if self.block_type == "dbb" else {}
@@ -273,15 +264,12 @@ class BlockFactory:
             self.state(block)
         return block
 
-    def with_state(self, state: BNState | None) -> BlockFactory:
-        return BlockFactory(self.block_type, self.config, self.bn, self.mode, self.dbb_branches, state)
-
 
 @st.composite
 def blocks(
     draw: st.DrawFn,
-    block_types: Sequence[str] = ("acb", "repvgg", "dbb"),
-    bn: Sequence[str] = ("branch", "after", "none"),
+    block_types: Sequence[str] = tuple(BLOCKS),
+    bn: Sequence[str] = BN_PLACEMENTS,
     configs: st.SearchStrategy[ConvConfig] | None = None,
     dbb_branches: Sequence[tuple[str, ...]] | None = None,
     states: st.SearchStrategy[BNState | None] | None = None,
