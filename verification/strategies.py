@@ -327,6 +327,35 @@ _eps = st.sampled_from([1e-8, 1e-6, 1e-3])
 _small_lrs = st.sampled_from([1e-3, 1e-2, 0.05])
 
 
+def _own_hyperparameters(draw: st.DrawFn, name: str, eps_st: st.SearchStrategy[float], strongly_adaptive: bool) -> dict:
+    """The hyperparameters specific to the adaptive optimizer ``name`` (see :func:`adaptive_optimizers`)."""
+    kw: dict = {}
+    if name in ("Adam", "AdamW"):
+        kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
+    elif name == "Adamax":
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
+    elif name == "NAdam":
+        kw.update(betas=draw(_betas), eps=draw(eps_st), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
+    elif name == "RAdam":
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
+    elif name == "Adagrad":
+        kw.update(
+            lr_decay=draw(st.sampled_from([0.0, 0.1])),
+            initial_accumulator_value=0.0 if strongly_adaptive else draw(st.sampled_from([0.0, 0.1])),
+            eps=draw(eps_st if strongly_adaptive else st.sampled_from([1e-10, 1e-6])),
+        )
+    elif name == "RMSprop":
+        kw.update(
+            alpha=draw(st.sampled_from([0.99, 0.9])),
+            eps=draw(eps_st),
+            centered=draw(st.booleans()),
+            momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
+        )
+    elif name == "Adadelta":
+        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(eps_st))
+    return kw
+
+
 @st.composite
 def adaptive_optimizers(
     draw: st.DrawFn,
@@ -365,29 +394,7 @@ def adaptive_optimizers(
     kw: dict = {"lr": lr}
     if accepts(cls, "maximize"):
         kw["maximize"] = draw(st.booleans())
-    if name in ("Adam", "AdamW"):
-        kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
-    elif name == "Adamax":
-        kw.update(betas=draw(_betas), eps=draw(eps_st))
-    elif name == "NAdam":
-        kw.update(betas=draw(_betas), eps=draw(eps_st), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
-    elif name == "RAdam":
-        kw.update(betas=draw(_betas), eps=draw(eps_st))
-    elif name == "Adagrad":
-        kw.update(
-            lr_decay=draw(st.sampled_from([0.0, 0.1])),
-            initial_accumulator_value=0.0 if strongly_adaptive else draw(st.sampled_from([0.0, 0.1])),
-            eps=draw(eps_st if strongly_adaptive else st.sampled_from([1e-10, 1e-6])),
-        )
-    elif name == "RMSprop":
-        kw.update(
-            alpha=draw(st.sampled_from([0.99, 0.9])),
-            eps=draw(eps_st),
-            centered=draw(st.booleans()),
-            momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
-        )
-    elif name == "Adadelta":
-        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(eps_st))
+    kw.update(_own_hyperparameters(draw, name, eps_st, strongly_adaptive))
     if coupled_weight_decay:
         kw["weight_decay"] = draw(st.sampled_from([0.05, 0.1, 0.3]))
     elif name == "AdamW":

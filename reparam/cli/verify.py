@@ -9,8 +9,13 @@ from pathlib import Path
 
 import torch
 
+from reparam.blocks import BLOCKS, BN_PLACEMENTS
 from reparam.cli._common import INTERRUPTED, fail, output_dir_problem, sigterm_as_interrupt
-from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS
+from verification.optimizers import OPTIMIZER_NAMES
+from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS, full_precision
+
+# the suites, reports and pandas load only when `verify` runs (function-level imports below),
+# so that `reparam --help` and the other commands start fast
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SECTIONS = ("sgs", "pgt")
@@ -48,9 +53,6 @@ def device_problem(name: str) -> str | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from reparam.blocks import BLOCKS, BN_PLACEMENTS
-    from verification.optimizers import OPTIMIZER_NAMES
-
     parser = subparsers.add_parser(
         "verify",
         help="train branched blocks and their SGS counterparts side by side; check every verdict",
@@ -99,8 +101,6 @@ def _results(args: argparse.Namespace, sections: list[str], dtype: torch.dtype, 
 
 def _collect(results: Iterator) -> tuple[list, bool]:
     """Every result until the end or Ctrl-C / SIGTERM; ``(results, interrupted)``."""
-    from verification.tolerances import full_precision
-
     done: list = []
     with sigterm_as_interrupt():
         try:
