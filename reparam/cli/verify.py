@@ -62,7 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--blocks", nargs="+", choices=list(BLOCKS), help="blocks to check (default: all)")
     parser.add_argument("--bn", nargs="+", choices=list(BN_PLACEMENTS), help="BN placements (default: all)")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_NAMES), help="optimizers (default: all)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_NAMES), metavar="OPT",
+                        help=f"optimizer cases (default: all): {', '.join(OPTIMIZER_NAMES)}")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
                         help="sgs: blocks vs SGS; pgt: PowerGrad Transform vs its surrogate (default: both, "
                         "or only sgs when --blocks, --bn or --optimizers is given)")
@@ -73,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data (default: 0)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per case (unless --steps is given)")
-    parser.add_argument("--out", type=Path, default=Path("reports/verify"),
+    parser.add_argument("--out", type=Path, default=Path("reports/verify"), metavar="DIR",
                         help="report folder, created if needed (default: reports/verify)")
     parser.set_defaults(handler=run)
 
