@@ -404,11 +404,11 @@ def _eval_output(model: nn.Module, *args: Any) -> Any:
 
 
 def fuse_block(block: ReparamBlock) -> nn.Conv2d:
-    """``block.fuse()`` with the block's flags: the conv trains (weight: any parameter but the
-    block bias trains; bias: any parameter trains) and is in the block's mode."""
+    """``block.fuse()`` with the block's flags and mode: the weight trains iff a kernel parameter
+    does (a frozen conv gives a frozen conv), the bias iff any parameter does."""
     fused = block.fuse()
     fused.train(block.training)
-    fused.weight.requires_grad_(any(p.requires_grad for p in block.parameters() if p is not block.bias))
+    fused.weight.requires_grad_(any(p.requires_grad for p in _kernel_parameters(block)))
     fused.bias.requires_grad_(any(p.requires_grad for p in block.parameters()))
     return fused
 
