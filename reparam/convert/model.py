@@ -192,7 +192,7 @@ def _run_example(model: nn.Module, args: tuple, what: str, watch: bool) -> tuple
         if watch:
             used, output = parameters_used_outside(model, args)
             return output, used
-        return _eval_output(model, *args), set()
+        return eval_output(model, *args), set()
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
         raise ConversionError(
             f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({error_line(err)})"
@@ -392,7 +392,7 @@ def max_output_difference(a: Any, b: Any) -> float:
 
 
 @torch.no_grad()
-def _eval_output(model: nn.Module, *args: Any) -> Any:
+def eval_output(model: nn.Module, *args: Any) -> Any:
     """``model(*args)`` in eval mode; every module's own train/eval flag is restored after."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -404,11 +404,11 @@ def _eval_output(model: nn.Module, *args: Any) -> Any:
 
 
 def fuse_block(block: ReparamBlock) -> nn.Conv2d:
-    """``block.fuse()`` with the block's flags: the conv trains (weight: any parameter but the
-    block bias trains; bias: any parameter trains) and is in the block's mode."""
+    """``block.fuse()`` with the block's flags and mode: the weight trains iff a kernel parameter
+    does (a frozen conv gives a frozen conv), the bias iff any parameter does."""
     fused = block.fuse()
     fused.train(block.training)
-    fused.weight.requires_grad_(any(p.requires_grad for p in block.parameters() if p is not block.bias))
+    fused.weight.requires_grad_(any(p.requires_grad for p in _kernel_parameters(block)))
     fused.bias.requires_grad_(any(p.requires_grad for p in block.parameters()))
     return fused
 
@@ -428,7 +428,7 @@ def fuse_model(
     ``(model, max_abs_diff)`` with a ``DeprecationWarning``.
     """
     target = model if inplace else copy.deepcopy(model)
-    reference = _eval_output(target, probe) if probe is not None else None
+    reference = eval_output(target, probe) if probe is not None else None
     names = _names_by_module(target)
     report = FuseReport()
     for name, block in _blocks(target):
@@ -437,7 +437,7 @@ def fuse_model(
             _set_module(target, alias, fused)
         report.fused.append(name)
     if probe is not None:
-        report.max_abs_diff = max_output_difference(reference, _eval_output(target, probe))
+        report.max_abs_diff = max_output_difference(reference, eval_output(target, probe))
     if return_report:
         return FuseResult(target, report)
     if probe is not None:
