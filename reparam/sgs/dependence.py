@@ -245,7 +245,7 @@ class HistogramStatistic(_Statistic):
         super().__init__(kernel_size, dilation)
         self.diagonal_removal = diagonal_removal
         self.counts: Tensor | None = None
-        self._nonzero: list[Tensor] | None = None  # diagonal removal: [count, xlo, xhi, ylo, yhi] per displacement
+        self._nonzero: Tensor | None = None  # diagonal removal: (D, [count, xlo, xhi, ylo, yhi], C)
 
     # -- pass 1 ------------------------------------------------------------------------------
     def observe_ranges(self, x: Tensor) -> None:
