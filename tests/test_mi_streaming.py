@@ -179,3 +179,13 @@ def test_keep_last_batch_saves_one_forward_and_changes_nothing(n):
     assert len(calls) == 2 * n
     for name in fast:
         assert torch.equal(fast[name].counts, slow[name].counts)
+
+
+@pytest.mark.parametrize("diagonal_removal", [False, True])
+def test_state_does_not_grow_with_batches(diagonal_removal):
+    from reparam.sgs.streaming import collect_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 5, padding=2))
+    sizes = [{n: s.state_bytes for n, s in collect_statistics(model, batches(n=k), diagonal_removal=diagonal_removal).items()}
+             for k in (1, 5)]
+    assert sizes[0] == sizes[1] and all(v > 0 for v in sizes[0].values())
