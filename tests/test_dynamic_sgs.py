@@ -180,3 +180,16 @@ def test_empty_loader_and_non_tensor_batches_are_clear_errors():
         DynamicSGS(model, sgd(model), []).refresh()
     with pytest.raises(ConfigError, match="yielded a str"):
         DynamicSGS(model, sgd(model), ["x"]).refresh()
+
+
+def test_load_state_dict_checks_keys_and_reports_changed_settings():
+    model = tiny_cnn()
+    dyn = DynamicSGS(model, sgd(model), DATA, every=5)
+    dyn.refresh(1)
+    state = dyn.state_dict()
+    other = DynamicSGS(model, sgd(model), DATA, every=3)
+    with pytest.warns(UserWarning, match="every=5->3"):
+        other.load_state_dict(state)
+    assert other.last_refresh == 1 and all(torch.equal(other.masks[n], g) for n, g in state["masks"].items())
+    with pytest.raises(ConfigError, match="no \\['last_refresh'\\]"):
+        other.load_state_dict({"masks": {}, "settings": {}})

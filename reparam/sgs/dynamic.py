@@ -32,10 +32,11 @@ _SETTINGS = ("warmup", "every", "num_batches", "k", "diagonal_removal", "exclude
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the user's: DDP / DataParallel wrappers removed."""
+    """The module whose parameter names are the user's: DDP / DataParallel / ``torch.compile``
+    wrappers removed."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
+    while isinstance(model, wrappers) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, wrappers) else model._orig_mod
     return model
 
 
