@@ -151,9 +151,10 @@ def test_clip_before_is_the_official_order_and_after_bounds_the_scaled_gradient(
     assert not torch.equal(results["before"][2], results["after"][2])  # the order matters
 
 
-def test_ddp_wrapper_is_looked_through_for_names():
+def test_wrappers_are_looked_through_for_names():
     model = tiny_cnn()
-    dyn = DynamicSGS(nn.DataParallel(model), sgd(model), DATA)
+    assert DynamicSGS(torch.compile(model), sgd(model), DATA).model is model  # built, never compiled
+    dyn = DynamicSGS(nn.DataParallel(model), sgd(model), DATA, measure="autocorrelation")
     dyn.refresh()
     assert set(dyn.masks) == {"0.weight", "2.weight"}
     dyn.remove()
@@ -167,6 +168,8 @@ def test_ddp_wrapper_is_looked_through_for_names():
     (dict(every=0), "every=0"),
     (dict(num_batches=0), "num_batches=0"),
     (dict(k=0.5), "k=0.5"),
+    (dict(measure="mi"), "measure='mi'"),
+    (dict(measure="autocorrelation", diagonal_removal=True), "diagonal_removal applies"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     model = tiny_cnn()
