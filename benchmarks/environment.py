@@ -32,12 +32,20 @@ def _total_ram_gb() -> float | None:
     return None
 
 
-def _load_avg() -> float | None:
-    """1-minute load average when the run starts (other work on the machine skews CPU timings)."""
+def load_avg() -> float | None:
+    """The 1-minute load average now (other work on the machine skews CPU timings), or None."""
     try:
         return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError):
         return None
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
 
 
 def _git_commit() -> str | None:
@@ -79,9 +87,10 @@ def collect(device: torch.device, flags: dict | None = None) -> dict:
         "cudnn_deterministic": torch.backends.cudnn.deterministic,
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
+        "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "ram_gb": _total_ram_gb(),
-        "load_avg_1m": _load_avg(),
+        "load_avg_1m": load_avg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git_commit(),

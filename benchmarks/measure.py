@@ -200,8 +200,15 @@ def make_batch(batch_size: int, image_size: int, num_classes: int, cfg: StepConf
     return images, labels.to(cfg.device)
 
 
-def num_classes_of(model: nn.Module, images: torch.Tensor) -> int:
-    """Output width of the model (one eval-free forward on a single image, no grad)."""
+def output_width(model: nn.Module, images: torch.Tensor) -> int:
+    """Classes the model predicts: the last ``nn.Linear``'s ``out_features``, else the width of
+    one forward pass on a single image (eval mode, no grad; the training flag is restored)."""
+    last = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    if last is not None:
+        return last.out_features
     was = model.training
     model.eval()
     with torch.no_grad():

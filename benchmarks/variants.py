@@ -21,6 +21,7 @@ weight_decay=5e-4); those two use AdamW(lr=1e-3, weight_decay=5e-4). Hyper-param
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
-BLOCK_NAMES = ("acb", "repvgg", "dbb")
+from reparam.blocks import BLOCKS, ReparamBlock
+from reparam.convert import convert_model, to_sgs
+from reparam.sgs import attach_sgs
+
+BLOCK_NAMES = tuple(BLOCKS)
 SGS_VARIANTS = ("sgs-grad", "sgs-update")
 VARIANTS: tuple[str, ...] = (
     "plain",
@@ -79,14 +84,6 @@ def resolve_variants(names: list[str] | None) -> list[str]:
     return ["plain"] + [n for n in dict.fromkeys(names) if n != "plain"]
 
 
-# -- the model conversion API (reparam.convert) -------------------------------------------
-def _convert_module():
-    try:
-        return importlib.import_module("reparam.convert")
-    except ImportError as exc:  # pragma: no cover - only before reparam.convert exists
-        raise RuntimeError(f"reparam.convert is not available ({exc}); it provides the model loader and converters") from exc
-
-
 def preload(spec: str) -> None:
     """Import everything building and training a variant of model ``spec`` needs (the
     converters, blocks and SGS hooks, ``torchvision.models`` or the spec's module, and
@@ -100,36 +97,68 @@ def preload(spec: str) -> None:
         importlib.import_module("torchvision.models" if source == "torchvision" else source)
 
 
-def load_model(spec: str) -> nn.Module:
-    """Instantiate ``torchvision:<name>`` (random weights) or ``module:callable``
-    (:func:`reparam.convert.load_model`)."""
-    return _convert_module().load_model(spec)
-
-
-def convert_model(model: nn.Module, block: str, bn: str) -> nn.Module:
-    return _convert_module().convert_model(model, block=block, bn=bn)
-
-
-def to_sgs(model: nn.Module):
-    return _convert_module().to_sgs(model)
-
-
 # -- building ------------------------------------------------------------------------------
-def _set_merged(model: nn.Module) -> int:
-    from reparam.blocks import ReparamBlock
+@dataclass
+class Converted:
+    """A variant's model before it goes to the device (the costly part of a build: tracing
+    and converting run on the CPU), with the SGS masks and constant kernels for ``sgs-*``."""
 
-    count = 0
-    for module in model.modules():
-        if isinstance(module, ReparamBlock):
-            module.mode = "merged"
-            count += 1
-    return count
+    model: nn.Module
+    blocks: int = 0
+    masks: dict | None = None
+    constants: dict | None = None
 
 
 def _count_blocks(model: nn.Module) -> int:
-    from reparam.blocks import ReparamBlock
-
     return sum(isinstance(m, ReparamBlock) for m in model.modules())
+
+
+def conversion_of(name: str) -> tuple:
+    """Variants with equal keys train the same converted model (``acb`` / ``acb-merged``,
+    ``plain`` / ``plain-adamw``, ``sgs-grad`` / ``sgs-update``)."""
+    kind, block, option = parse_variant(name)
+    if kind == "block":
+        return kind, block, "branch" if option == "branch" else "after"
+    return (kind,)
+
+
+def convert_variant(name: str, model_factory: Callable[[], nn.Module]) -> Converted:
+    """Build a fresh model and convert it as variant ``name`` trains it (on the CPU)."""
+    conversion = conversion_of(name)
+    model = model_factory()
+    if conversion[0] == "block":
+        model = convert_model(model, block=conversion[1], bn=conversion[2])
+        return Converted(model, _count_blocks(model))
+    if conversion[0] == "sgs":
+        branched = convert_model(model, block=SGS_SOURCE_BLOCK, bn=SGS_SOURCE_BN)
+        result = to_sgs(branched)
+        return Converted(result.model, _count_blocks(branched), result.masks, result.constants)
+    return Converted(model)
+
+
+class BuildCache:
+    """Converted models of one model spec, kept between the rows of a run and deep-copied for
+    each row (rows never share weights or optimizer state): a vgg16_bn conversion takes
+    seconds, the copy a fraction of one. For rows that run in this process on a GPU; a CPU row's
+    peak RSS would count the cache, so CPU rows run isolated and build afresh."""
+
+    def __init__(self) -> None:
+        self._spec: str | None = None
+        self._store: dict[tuple, Converted] = {}
+
+    def converted(self, spec: str, name: str, model_factory: Callable[[], nn.Module]) -> Converted:
+        if spec != self._spec:  # keep one model's conversions at a time
+            self._spec, self._store = spec, {}
+        key = conversion_of(name)
+        if key not in self._store:
+            self._store[key] = convert_variant(name, model_factory)
+        return copy.deepcopy(self._store[key])
+
+
+def _optimizer(params: list[nn.Parameter], adamw: bool) -> torch.optim.Optimizer:
+    if adamw:
+        return torch.optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY)
+    return torch.optim.SGD(params, lr=LR_SGD, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
 def build_variant(
@@ -138,38 +167,27 @@ def build_variant(
     device: torch.device,
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    converted: Converted | None = None,
 ) -> Variant:
-    """Build variant ``name`` from a fresh model (``model_factory()``), on ``device``."""
-    kind, block, option = parse_variant(name)
-    model = model_factory()
-    info: dict[str, Any] = {"blocks": 0, "masked_params": 0, "sgs_state_bytes": 0}
-    masks = constants = None
-    if kind == "block":
-        bn = "branch" if option == "branch" else "after"
-        model = convert_model(model, block=block, bn=bn)
-        if option == "merged":
-            _set_merged(model)
-        info["blocks"] = _count_blocks(model)
-    elif kind == "sgs":
-        converted = convert_model(model, block=block, bn=SGS_SOURCE_BN)
-        info["blocks"] = _count_blocks(converted)
-        result = to_sgs(converted)
-        model, masks, constants = result[0], result[1], result[2]
-        del converted
-    model = model.to(device=device, dtype=dtype)
+    """Variant ``name`` on ``device``: ``converted`` (else :func:`convert_variant` of a fresh
+    ``model_factory()``), its optimizer and, for ``sgs-*``, the attached masks."""
+    kind, _, option = parse_variant(name)
+    converted = converted or convert_variant(name, model_factory)
+    model = converted.model.to(device=device, dtype=dtype)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    if option == "merged":
+        for module in model.modules():
+            if isinstance(module, ReparamBlock):
+                module.mode = "merged"
     params = [p for p in model.parameters() if p.requires_grad]
-    if option in ("update", "adamw"):
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=LR_ADAMW, weight_decay=WEIGHT_DECAY)
-    else:
-        optimizer = torch.optim.SGD(params, lr=LR_SGD, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    optimizer = _optimizer(params, adamw=option in ("update", "adamw"))
+    info: dict[str, Any] = {"blocks": converted.blocks, "masked_params": 0, "sgs_state_bytes": 0}
     handle = None
     if kind == "sgs":
-        from reparam.sgs import attach_sgs
-
-        handle = attach_sgs(optimizer, masks, mode=option, constant_kernels=constants or None, model=model)
+        handle = attach_sgs(optimizer, converted.masks, mode=option, constant_kernels=converted.constants or None,
+                            model=model)
         # masks/constants now live (cast, on device) inside the handle; the snapshot of the
         # masked weights is allocated once in update mode.
         info["masked_params"] = len(handle.parameters)

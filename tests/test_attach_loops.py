@@ -43,7 +43,7 @@ def deviation(block, conv) -> float:
     return ((merged - conv.weight).abs().max() / merged.abs().max()).item()
 
 
-def step(model, opt, i, scaler=None, poison=False) -> None:
+def step(model, opt, i, scaler=None, poison=False, unscale_first=False) -> None:
     opt.zero_grad()
     loss = loss_of(model, i) * (float("inf") if poison else 1.0)
     if scaler is None:
@@ -51,6 +51,8 @@ def step(model, opt, i, scaler=None, poison=False) -> None:
         opt.step()
     else:
         scaler.scale(loss).backward()
+        if unscale_first:  # as before gradient clipping: the fused step then gets no grad_scale
+            scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()
 
@@ -146,20 +148,21 @@ def fused_adamw(params):
     return torch.optim.AdamW(params, lr=0.05, weight_decay=0.2, fused=True)
 
 
-@pytest.mark.parametrize("control", [False, True], ids=["exact", "without-C-control"])
+@pytest.mark.parametrize("variant", ["exact", "unscaled-first", "without-C-control"])
 @pytest.mark.parametrize("make_opt", [fused_sgd, fused_adamw], ids=["sgd", "adamw"])
-def test_grad_scaler_with_fused_optimizer_matches_the_branched_block(make_opt, control):
+def test_grad_scaler_with_fused_optimizer_matches_the_branched_block(make_opt, variant):
     """The fused kernel divides the gradient by the loss scale: the coupled ``-wd C``
     correction must be added scaled, and decoupled decay must not see the scale. Negative
     control: without the constant kernel the same loop drifts visibly."""
     block, conv, g, c = pair()
     start = conv.weight.detach().clone()
     opt_b, opt_s = make_opt(block.parameters()), make_opt(conv.parameters())
+    control, unscale_first = variant == "without-C-control", variant == "unscaled-first"
     attach_sgs(opt_s, {conv.weight: g}, constant_kernels=None if control else {conv.weight: c})
     scalers = torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")
     for i in range(5):
-        step(block, opt_b, i, scalers[0])
-        step(conv, opt_s, i, scalers[1])
+        step(block, opt_b, i, scalers[0], unscale_first=unscale_first)
+        step(conv, opt_s, i, scalers[1], unscale_first=unscale_first)
     if control:
         assert deviation(block, conv) > 1e-6
     else:
@@ -188,13 +191,15 @@ def test_skipped_scaler_step_leaves_every_weight_bit_identical(make_opt, fused):
 
 
 # -- tensor learning rates, dtype changes, validation ------------------------------------------------
-def test_float32_tensor_lr_with_float64_parameters_is_exact():
-    """torch computes ``1 - lr wd`` in the lr tensor's precision: so must the handle."""
+@pytest.mark.parametrize("kind", [{"foreach": False}, {"fused": True}], ids=["for-loop", "fused"])
+def test_float32_tensor_lr_with_float64_parameters_is_exact(kind):
+    """torch computes ``1 - lr wd`` in the lr tensor's precision (its fused kernel: in the
+    parameters' precision): so must the handle."""
     block, conv, g, c = pair()
     start = conv.weight.detach().clone()
     lr = torch.tensor(0.05, dtype=torch.float32)
-    opt_b = torch.optim.AdamW(block.parameters(), lr=lr, weight_decay=0.3, foreach=False)
-    opt_s = torch.optim.AdamW(conv.parameters(), lr=lr, weight_decay=0.3, foreach=False)
+    opt_b = torch.optim.AdamW(block.parameters(), lr=lr, weight_decay=0.3, **kind)
+    opt_s = torch.optim.AdamW(conv.parameters(), lr=lr, weight_decay=0.3, **kind)
     attach_sgs(opt_s, {conv.weight: g}, constant_kernels={conv.weight: c})
     for i in range(5):
         step(block, opt_b, i)
@@ -221,6 +226,37 @@ def test_model_float_after_attaching_follows_the_parameter(make_opt):
             o.step()
     assert conv.weight.dtype == torch.float32
     assert torch.equal(conv.weight, twin.weight)
+
+
+def test_preconditioner_follows_model_float_and_set_masks():
+    """A non-diagonal P (grad mode) follows ``model.float()`` (its workspace too), and
+    ``set_masks`` swaps it for a mask and back; ``masks`` shows what is applied."""
+    _, conv, g, _ = pair()
+    matrix = torch.diag(g.flatten()) + torch.full((9, 9), 1 / 81, dtype=torch.float64)
+    p = reparam.SpatialPreconditioner(matrix)
+    twin = copy.deepcopy(conv).float()
+    opt, opt_twin = torch.optim.SGD(conv.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    handle = attach_sgs(opt, {conv.weight: p})
+    attach_sgs(opt_twin, {twin.weight: p})
+    conv.float()
+    for model, o in ((conv, opt), (twin, opt_twin)):
+        o.zero_grad()
+        torch.tanh(model(batch(0).float())).square().mean().backward()
+        o.step()
+    assert torch.equal(conv.weight, twin.weight)
+    assert isinstance(handle.masks[conv.weight], reparam.SpatialPreconditioner)
+    handle.set_masks({conv.weight: g})
+    assert torch.equal(handle.masks[conv.weight], g.float())
+    handle.set_masks({conv.weight: p})
+    assert handle.masks[conv.weight].matrix.dtype == torch.float32
+
+
+def test_update_mode_snapshot_records_no_autograd_history():
+    _, conv, g, _ = pair()
+    opt = torch.optim.AdamW(conv.parameters(), lr=0.01)
+    handle = attach_sgs(opt, {conv.weight: g})
+    step(conv, opt, 0)
+    assert not any(r.snapshot.requires_grad for r in handle._records)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

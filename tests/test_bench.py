@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from benchmarks import measure, report, run
+from benchmarks import execute, measure, report, run
+from benchmarks.row import Row
 from benchmarks.variants import VARIANTS, parse_variant, resolve_variants
 from reparam.cli import main
 
@@ -84,14 +85,14 @@ def test_oom_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 
 
 def test_interrupted_run_keeps_finished_rows(tmp_path, monkeypatch):
-    def fake_row(spec):
-        if spec.variant == "acb":
+    def fake_row(row, cache=None):
+        if row.variant == "acb":
             raise KeyboardInterrupt
-        row = run._base_row(spec)
-        row.update(status="ok", median_ms=10.0 if spec.variant == "plain" else 12.0, params=100, peak_mem_mb=5.0)
+        row.status, row.median_ms = "ok", 10.0 if row.variant == "plain" else 12.0
+        row.params, row.peak_mem_mb = 100, 5.0
         return row
 
-    monkeypatch.setattr(run, "measure_row", fake_row)
+    monkeypatch.setattr(execute, "measure_row", fake_row)
     code, out = _bench(tmp_path, "--variants", "sgs-grad", "acb", "dbb", "--isolate", "never")
     assert code == 130
     table = pd.read_csv(out / "results.csv")
@@ -109,16 +110,15 @@ def test_summary_statistics():
 
 
 def test_ratios_are_per_model_and_size():
-    ok = {"status": "ok", "model": "a", "batch_size": 4}
     rows = [
-        {**ok, "image_size": 32, "variant": "plain", "median_ms": 2.0, "peak_mem_mb": 10.0, "params": 5},
-        {**ok, "image_size": 32, "variant": "acb", "median_ms": 3.0, "peak_mem_mb": 15.0, "params": 10},
-        {"model": "a", "image_size": 64, "batch_size": 4, "variant": "plain", "status": "OOM"},
-        {**ok, "image_size": 64, "variant": "acb", "median_ms": 3.0, "peak_mem_mb": 1.0, "params": 10},
+        Row("a", 32, 4, "plain", status="ok", median_ms=2.0, peak_mem_mb=10.0, params=5),
+        Row("a", 32, 4, "acb", status="ok", median_ms=3.0, peak_mem_mb=15.0, params=10),
+        Row("a", 64, 4, "plain", status="OOM"),
+        Row("a", 64, 4, "acb", status="ok", median_ms=3.0, peak_mem_mb=1.0, params=10),
     ]
     report.add_ratios(rows)
-    assert rows[1]["time_ratio"] == 1.5 and rows[1]["mem_ratio"] == 1.5 and rows[1]["params_ratio"] == 2.0
-    assert rows[3]["time_ratio"] is None and rows[2]["time_ratio"] is None
+    assert rows[1].time_ratio == 1.5 and rows[1].mem_ratio == 1.5 and rows[1].params_ratio == 2.0
+    assert rows[3].time_ratio is None and rows[2].time_ratio is None
 
 
 def test_variant_names_and_options():
@@ -133,8 +133,8 @@ def test_variant_names_and_options():
     assert main(["bench", "--variants", "nope", "--no-progress"]) == 2
     assert main(["bench", "--image-size", "32", "224", "--batch-size", "1", "2", "3"]) == 2
     assert main(["bench", "--dtype", "bfloat16", "--amp", "bf16"]) == 2
-    assert run.model_spec("resnet18") == "torchvision:resnet18"
-    assert run.model_spec("pkg.mod:fn") == "pkg.mod:fn"
+    assert execute.model_spec("resnet18") == "torchvision:resnet18"
+    assert execute.model_spec("pkg.mod:fn") == "pkg.mod:fn"
 
 
 def test_row_timeout_is_recorded(tmp_path):
@@ -198,7 +198,8 @@ def test_compile_needs_a_warmup(tmp_path, capsys):
 # -- memory baseline ----------------------------------------------------------------------
 _NEW_MODULES = """
 import json, sys
-from benchmarks import measure, run
+from benchmarks import execute, measure
+from benchmarks.row import Row
 seen = {}
 start, peak = measure.MemoryMeter.start, measure.MemoryMeter.peak_bytes
 def recording_start(self):
@@ -208,9 +209,8 @@ def recording_peak(self):
     seen["new"] = sorted(set(sys.modules) - seen["before"])
     return peak(self)
 measure.MemoryMeter.start, measure.MemoryMeter.peak_bytes = recording_start, recording_peak
-row = run.measure_row(run.RowSpec(sys.argv[1], 16, 2, sys.argv[2], "cpu", "float32", None, False, False,
-                                  "default", False, 1, 1, 1))
-print(json.dumps({"status": row["status"], "new": seen.get("new")}))
+row = execute.measure_row(Row(sys.argv[1], 16, 2, sys.argv[2], steps=1, warmup=1, threads=1))
+print(json.dumps({"status": row.status, "new": seen.get("new")}))
 """
 
 
@@ -267,10 +267,8 @@ def test_cuda_row_runs_with_its_device_current(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "device", FakeDeviceContext)
     monkeypatch.setattr(measure.MemoryMeter, "start", stop)
-    spec = run.RowSpec("benchmarks.tiny:tiny_net", 16, 2, "plain", "cuda:1", "float32", None, False, False,
-                       "default", False, 1, 1, None)
-    row = run.measure_row(spec)
-    assert row["status"] == "error" and "stop here" in row["error"]
+    row = execute.measure_row(Row("benchmarks.tiny:tiny_net", 16, 2, "plain", device="cuda:1", steps=1, warmup=1))
+    assert row.status == "error" and "stop here" in row.error
     assert seen == [1] and current == [None]
 
 

@@ -22,7 +22,6 @@ from test_convert_models import randomized_reference  # tests/ is on sys.path (n
 from torch import nn
 
 from reparam.cli import main
-from reparam.cli._convert_common import randomized_copy
 from reparam.convert import (
     MaskFileWarning,
     UntraceableModelWarning,
@@ -34,6 +33,7 @@ from reparam.convert import (
     to_sgs,
 )
 from reparam.convert.maskfile import _checksum
+from reparam.convert.workflow import randomized_copy
 from reparam.errors import ConversionError, MaskFileError
 
 

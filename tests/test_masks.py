@@ -30,7 +30,7 @@ def test_acb_5x3_mask():
 
 
 def test_acb_1x1_mask():
-    assert torch.equal(ACBlock(3, 2, 1).sgs_mask(), t([[3]]))
+    assert torch.equal(ACBlock(3, 2, 1).sgs_mask(), t([[1]]))  # 1x1: no copies of the square branch
 
 
 @pytest.mark.parametrize("in_out_stride", [(4, 4, 1), (4, 6, 1), (4, 4, 2)])

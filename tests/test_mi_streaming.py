@@ -162,3 +162,20 @@ def test_autocorrelation_measure_runs():
     assert G.shape == (3, 3) and torch.isfinite(G).all() and G.mean().item() == pytest.approx(1.0)
     with pytest.raises(ConfigError, match="measure"):
         masks_from_data(conv, batches(), measure="mine")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_keep_last_batch_saves_one_forward_and_changes_nothing(n):
+    from reparam.sgs.streaming import collect_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    data = batches(n=n)
+    fast = collect_statistics(model, data)
+    assert len(calls) == 2 * n - 1
+    calls.clear()
+    slow = collect_statistics(model, data, keep_last_batch=False)
+    assert len(calls) == 2 * n
+    for name in fast:
+        assert torch.equal(fast[name].counts, slow[name].counts)

@@ -1,6 +1,8 @@
 """``reparam pgt`` writes a PNG, prints the table and exits 0; bad alphas exit non-zero."""
 from __future__ import annotations
 
+import pytest
+
 from reparam.cli import main
 
 
@@ -65,3 +67,28 @@ def test_pgt_cli_single_alpha_is_shown_with_reference_alphas(tmp_path, capsys, m
     assert _rows(capsys.readouterr().out) == {1.0, 0.3, 0.05}
     for fig in figures:
         close(fig)
+
+
+def test_pgt_cli_says_what_it_really_wrote(tmp_path, capsys):
+    """A name without extension gets ``.png`` and the message names that file (it used to name
+    the path it did not write)."""
+    assert main(["pgt", "--plot", str(tmp_path / "figure")]) == 0
+    assert (tmp_path / "figure.png").exists() and not (tmp_path / "figure").exists()
+    assert f"wrote {tmp_path / 'figure.png'}" in capsys.readouterr().out
+    assert main(["pgt", "--plot", str(tmp_path / "figure.svg")]) == 0
+    assert (tmp_path / "figure.svg").read_text().lstrip().startswith("<?xml")
+
+
+
+@pytest.mark.parametrize("name, words", [
+    ("x.xyz", "'.xyz' is not a figure format"),
+    ("", "is a folder; give a file name"),
+    ("missing/fig.png", "does not exist"),
+])
+def test_pgt_cli_bad_plot_path_is_a_one_line_error(name, words, tmp_path, capsys):
+    assert main(["pgt", "--plot", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reparam pgt: error: --plot") and words in lines[0]
+    assert "Traceback" not in captured.err and "threshold" not in captured.out  # checked before any output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

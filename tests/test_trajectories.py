@@ -28,10 +28,11 @@ from verification.strategies import (
     lr_schedules,
     sgd_optimizers,
 )
-from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL
+from verification.verdicts import DIVERGENCE_FLOOR, EXACT_TOL, min_movement
 
 TOL = EXACT_TOL[torch.float64]
 FLOOR = DIVERGENCE_FLOOR[torch.float64]
+MOVED = min_movement(torch.float64)
 assert TOL <= 1e-10 and FLOOR >= 1e-6
 
 def well_conditioned(config) -> bool:
@@ -79,9 +80,12 @@ def assert_exact(result) -> None:
     assert result.max_deviation["sgs"] <= TOL
     assert_merged_exact(result)
     assert result.matches
-    # the trajectory really moved: the comparison is not vacuous
+    # the trajectory really moved: every compared side left its start by far more than the
+    # tolerance, so the comparison is not vacuous
     first = result.frame[(result.frame.side == "sgs") & (result.frame.step == 1)]
     assert len(first) == 1 and len(result.frame) == len(result.verdicts) * (result.frame.step.max() + 1)
+    for side in (*result.verdicts, "branched"):
+        assert result.moved[side][1] >= MOVED, (side, result.moved)
 
 
 def assert_not_exact(result, verdict: str) -> None:
@@ -336,3 +340,61 @@ def test_comparison_disables_tf32_and_restores_it():
     finally:
         torch.set_float32_matmul_precision(previous[0])
         torch.backends.cudnn.allow_tf32 = previous[1]
+
+
+# -- evidence, not vacuity: non-finite steps and trajectories that never moved -----------------------
+def test_a_nan_at_one_step_is_never_exact():
+    """The SGS side goes NaN at step 7 of 12: steps 1-6 were exact, but the verdict must not be
+    (pandas' NaN-skipping max used to drop the NaN steps and report "exact")."""
+    made = []
+
+    def poisoned_sgd(params):
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        made.append(optimizer)
+        if len(made) == 3:  # branched, merged, then the SGS conv's optimizer
+
+            def poison(opt, args, kwargs):
+                if opt.state_dict()["state"] and len(poison.calls) == 6:
+                    with torch.no_grad():
+                        opt.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+                poison.calls.append(1)
+
+            poison.calls = []
+            optimizer.register_step_post_hook(poison)
+        return optimizer
+
+    factory = BlockFactory("acb", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "none")
+    result = compare_trajectories(factory, poisoned_sgd, steps=12)
+    sgs = result.frame[result.frame.side == "sgs"].set_index("step")
+    assert sgs.loc[6, "max_rel"] <= TOL and sgs.loc[7, "max_rel"] == float("inf")
+    assert result.max_deviation["sgs"] == float("inf")
+    assert result.verdicts["sgs"] == "diverges" and not result.matches
+    assert result.verdicts["merged"] == "exact"
+
+
+@pytest.mark.parametrize("optimizer", [
+    functools.partial(torch.optim.SGD, lr=0.0, momentum=0.9),
+    functools.partial(torch.optim.Adam, lr=0.0),
+    functools.partial(torch.optim.SGD, lr=1e-13),
+])
+def test_a_trajectory_that_did_not_move_is_inconclusive(optimizer):
+    """With lr = 0 (or too small to move beyond the tolerance) every mask looks exact: the
+    verdict is "inconclusive" (it never matches), and the movement is reported."""
+    factory = BlockFactory("acb", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "none")
+    result = compare_trajectories(factory, optimizer, steps=4)
+    assert result.max_deviation["sgs"] <= TOL
+    assert result.verdicts == {"merged": "inconclusive", "sgs": "inconclusive"} and not result.matches
+    assert result.moved["sgs"][1] < MOVED and result.moved["branched"][1] < MOVED
+    assert {"moved_abs", "moved_rel", "ref_moved_abs", "ref_moved_rel"} <= set(result.frame.columns)
+
+
+def test_the_old_call_form_and_the_config_object_agree():
+    from verification.engine import TrajectoryConfig
+
+    factory = BlockFactory("repvgg", ConvConfig(4, 4, (3, 3), input_size=(7, 7)), "after")
+    optimizer = functools.partial(torch.optim.Adam, lr=0.01)
+    old = compare_trajectories(factory, optimizer, steps=3, mode="update", seed=2)
+    config = TrajectoryConfig(steps=3, mode="update", seed=2)
+    new = compare_trajectories(factory, optimizer, config)
+    assert old.max_deviation == new.max_deviation and old.verdicts == new.verdicts == {"merged": "exact", "sgs": "exact"}
+    assert compare_trajectories(factory, optimizer, config, steps=4).frame.step.max() == 4

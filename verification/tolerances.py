@@ -3,6 +3,7 @@ Only depends on torch, so any section can use it."""
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -20,13 +21,28 @@ EXACT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, to
 DIVERGENCE_FLOOR = {torch.float64: 1e-6, torch.float32: 1e-3, torch.bfloat16: 0.5, torch.float16: 0.5}
 
 
-def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool) -> str:
-    """``exact`` below the tolerance; above the divergence floor ``approximate`` when theory
-    offers only an approximation (per-branch BN, non-mask branches), else ``diverges``."""
-    if max_rel_dev != max_rel_dev:  # NaN
+#: an ``exact`` verdict also needs every compared side to have moved from its start by at
+#: least this many times :data:`EXACT_TOL` (relative): with ``lr = 0``, zero gradients or frozen
+#: parameters every comparison looks exact. At the margin a transform that did nothing would
+#: deviate by the whole movement, far above the tolerance. Measured movements of the default
+#: suite's exact cases: see ``MOVEMENT_MARGIN`` in the README's ``reparam verify`` section.
+MOVEMENT_MARGIN = 100.0
+
+
+def min_movement(dtype: torch.dtype) -> float:
+    """The least relative movement an ``exact`` verdict needs: ``MOVEMENT_MARGIN * EXACT_TOL``."""
+    return MOVEMENT_MARGIN * EXACT_TOL[dtype]
+
+
+def classify(max_rel_dev: float, dtype: torch.dtype, approximation: bool, *, moved: float) -> str:
+    """``exact`` at or below the tolerance, if the sides moved (relative movement ``moved``, the
+    least of the compared sides) at least :func:`min_movement`, else ``inconclusive``; at or
+    above the divergence floor ``approximate`` when theory offers only an approximation
+    (per-branch BN, non-mask branches), else ``diverges``; NaN/inf ``diverges``."""
+    if not math.isfinite(max_rel_dev):
         return DIVERGES
     if max_rel_dev <= EXACT_TOL[dtype]:
-        return EXACT
+        return EXACT if moved >= min_movement(dtype) else INCONCLUSIVE
     if max_rel_dev >= DIVERGENCE_FLOOR[dtype]:
         return APPROXIMATE if approximation else DIVERGES
     return INCONCLUSIVE

@@ -5,6 +5,7 @@ import torch
 
 from reparam.blocks import ReparamBlock
 from reparam.errors import NotMaskEquivalent
+from reparam.sgs import SpatialPreconditioner
 from reparam.sgs.theory import auto_mode, inexact_reasons_for_steps, why_exact
 from verification.tolerances import (  # noqa: F401  (re-exported)
     APPROXIMATE,
@@ -13,7 +14,9 @@ from verification.tolerances import (  # noqa: F401  (re-exported)
     EXACT,
     EXACT_TOL,
     INCONCLUSIVE,
+    MOVEMENT_MARGIN,
     classify,
+    min_movement,
 )
 
 
@@ -38,7 +41,7 @@ def expected_verdict(
     exact_struct, reasons = structural_exactness(block, transform)
     if not exact_struct:
         return APPROXIMATE, "; ".join(reasons)
-    nondiagonal = transform == "preconditioner" and not _is_diagonal(block.spatial_preconditioner())
+    nondiagonal = transform == "preconditioner" and not SpatialPreconditioner(block.spatial_preconditioner()).is_diagonal()
     groups = optimizer.param_groups
     chosen = mode if mode != "auto" else auto_mode(optimizer, groups, nondiagonal)
     reason = inexact_reasons_for_steps(optimizer, groups, steps if steps is not None else 1 << 30, nondiagonal)[chosen]
@@ -46,6 +49,3 @@ def expected_verdict(
         return EXACT, why_exact(optimizer, groups, chosen, steps)
     return DIVERGES, reason
 
-
-def _is_diagonal(matrix: torch.Tensor) -> bool:
-    return bool(torch.equal(matrix, torch.diag(torch.diagonal(matrix))))

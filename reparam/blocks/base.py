@@ -15,7 +15,8 @@ from reparam.kernels import fold_batchnorm
 
 BNPlacement = Literal["branch", "after", "none"]
 BN_PLACEMENTS = ("branch", "after", "none")
-MODES = ("branched", "merged")
+#: the forms a block can run its forward in (the block attribute keeps the name ``mode``)
+BLOCK_FORMS = ("branched", "merged")
 
 
 class ReparamBlock(nn.Module):
@@ -26,7 +27,8 @@ class ReparamBlock(nn.Module):
     stride 1 or ``"valid"``). ``bn`` places normalization:
     ``"branch"`` (a BatchNorm inside every branch, as in the original papers), ``"after"``
     (one BatchNorm after the sum) or ``"none"`` (a bias on the merged conv).
-    In ``mode="merged"`` (only for ``bn`` "none"/"after", where the block is linear in its
+    ``mode`` is the block's *form* (:data:`BLOCK_FORMS`; unrelated to the SGS modes of
+    ``attach_sgs``). In ``mode="merged"`` (only for ``bn`` "none"/"after", where the block is linear in its
     input with no batch statistics inside) the forward runs one conv with the
     differentiably merged kernel; gradients reach the same branch parameters.
     """
@@ -86,8 +88,8 @@ class ReparamBlock(nn.Module):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in MODES:
-            raise ConfigError(f"{type(self).__name__}: mode={value!r} is not supported; choose one of {MODES}")
+        if value not in BLOCK_FORMS:
+            raise ConfigError(f"{type(self).__name__}: mode={value!r} is not supported; choose one of {BLOCK_FORMS}")
         if value == "merged" and self.bn == "branch":
             raise ConfigError(
                 f"{type(self).__name__}: mode='merged' needs bn='none' or 'after'; with bn='branch' the "

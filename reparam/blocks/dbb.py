@@ -16,6 +16,9 @@ class DBBlock(ReparamBlock):
     are padded with their first stage's zero response so fusion stays exact at the border.
 
     ``branches`` selects a subset of ``("kxk", "1x1", "1x1_kxk", "1x1_avg")`` (default all).
+    With a 1x1 kernel ``kxk``, ``1x1`` and ``1x1_avg`` are the same 1x1 conv (an average over
+    one tap is the identity); they are built as selected, since ``branches`` is an explicit
+    choice: select one of them to avoid copies (ACB and RepVGG drop their copies themselves).
     ``sgs_mask()`` raises :class:`reparam.NotMaskEquivalent` for the last two; without BN and
     without ``1x1_kxk`` the block is linear and :meth:`spatial_preconditioner` is exact.
     """

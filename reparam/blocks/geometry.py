@@ -72,7 +72,9 @@ class ConvGeometry:
                 raise ConfigError(f"{block}: {name} must be a positive int, got {value!r}")
             counts[name] = number
         cin, cout, groups_ = counts["in_channels"], counts["out_channels"], counts["groups"]
-        if any(k < 1 or k % 2 == 0 for k in kernel):
+        if any(k < 1 for k in kernel):
+            raise ConfigError(f"{block}: kernel_size must be positive, got {kernel}")
+        if any(k % 2 == 0 for k in kernel):
             raise ConfigError(
                 f"{block}: kernel_size {kernel} has an even side; branches can only be centred in odd kernels"
             )

@@ -14,11 +14,24 @@ import sys
 from collections.abc import Sequence
 
 
+def _version() -> str:
+    """The installed distribution's version, else the source tree's ``reparam.__version__``."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("reparam")
+    except metadata.PackageNotFoundError:
+        from reparam import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reparam",
         description="Prove, convert and measure reparameterization (branched blocks vs spatial gradient scaling).",
     )
+    parser.add_argument("--version", action="version", version=f"reparam {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

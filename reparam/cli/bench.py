@@ -50,14 +50,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 30)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default: 10)")
     parser.add_argument("--quick", action="store_true",
-                        help="resnet18 at 32px batch 16, 2 warm-up + 5 steps, 120 s row timeout (explicit options override)")
+                        help="resnet18 at 32px batch 16, 2 warm-up + 5 steps, one thread, 120 s row timeout "
+                        "(explicit options override)")
     parser.add_argument("--isolate", default="auto", choices=["auto", "always", "never"],
                         help="one subprocess per row: auto = on CPU (separate peak RSS) or with a row timeout, "
                         "always, never")
     parser.add_argument("--row-timeout", type=float, default=None, metavar="S",
                         help="kill a row after S seconds and record it as 'timeout'; rows then run in their own "
                         "process (ignored, with a warning, under --isolate never)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="start no row after S seconds; the rows left are recorded as 'skipped'")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for CPU runs (default: torch's; 1 with --quick)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="output folder (default: benchmarks/results/<device>-<timestamp>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -96,35 +100,42 @@ def options_from_args(args: argparse.Namespace):
     row_timeout = args.row_timeout if args.row_timeout is not None else (QUICK["row_timeout"] if args.quick else None)
     if row_timeout is not None and row_timeout <= 0:
         raise ValueError("--row-timeout must be > 0 seconds")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError("--time-budget must be > 0 seconds")
+    threads = args.threads if args.threads is not None else (QUICK["threads"] if args.quick else None)
+    if threads is not None and threads < 1:
+        raise ValueError("--threads must be >= 1")
     return BenchOptions(
         models=models, sizes=list(zip(sizes_px, batches)), variants=args.variants or ["all"],
         device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark, tf32=args.tf32, compile=args.compile, steps=steps,
-        warmup=warmup, isolate=args.isolate, row_timeout=row_timeout, threads=args.threads, out=args.out,
+        warmup=warmup, isolate=args.isolate, row_timeout=row_timeout, time_budget=args.time_budget, threads=threads,
+        out=args.out,
         progress=not args.no_progress,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from benchmarks.report import table_text
-    from benchmarks.run import check_device, run_benchmark
-    from benchmarks.variants import resolve_variants
+    from benchmarks.run import plan_benchmark, run_benchmark
 
     try:
         opts = options_from_args(args)
-        resolve_variants(opts.variants)
-        check_device(opts.device)
+        plan = plan_benchmark(opts)  # device, variants, models, --out: all checked before any row runs
     except ValueError as exc:
         print(f"reparam bench: {exc}", file=sys.stderr)
         return 2
-    rows, env, paths, interrupted = run_benchmark(opts)
+    result = run_benchmark(plan)
+    env = result.environment
     print()
     print(f"{env['device_type'].upper()}: {env['device_name']} | torch {env['torch']} | "
           f"dtype {opts.dtype} amp {opts.amp or 'none'} | {opts.steps} steps after {opts.warmup} warm-up")
-    print(table_text(rows))
-    for kind, path in paths.items():
+    print(table_text(result.rows))
+    for kind, path in result.paths.items():
         print(f"{kind}: {path}")
-    if interrupted:
-        print(f"interrupted: kept {len(rows)} finished rows", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"reparam bench: WARNING: {warning}", file=sys.stderr)
+    if result.interrupted:
+        print(f"interrupted: kept {len(result.rows)} finished rows", file=sys.stderr)
         return 130
-    return 1 if any(r.get("status") == "error" for r in rows) else 0
+    return 1 if any(r.status == "error" for r in result.rows) else 0

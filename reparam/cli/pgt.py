@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
+from pathlib import Path
 from typing import Any
+
+from reparam.cli._common import fail
 
 DEFAULT_ALPHAS = (1.0, 0.75, 0.5, 0.25, 0.1, 0.0)
 #: drawn alongside a single requested alpha
@@ -40,7 +42,10 @@ def register(subparsers: Any) -> None:
         "--probs", type=float, nargs="+", default=None, metavar="P",
         help="use this distribution instead of a random one (normalised; overrides --classes)",
     )
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write the figure to this file")
+    parser.add_argument(
+        "--plot", default=None, metavar="FILE",
+        help="write the figure to this file; its extension picks the format (png, pdf, svg, ...; none: .png is added)",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -59,7 +64,7 @@ def _distribution(args: argparse.Namespace) -> Any:
     return torch.softmax(z, dim=0)
 
 
-def _plot(p: Any, curves: dict[float, Any], path: str) -> None:
+def _plot(p: Any, curves: dict[float, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,6 +95,25 @@ def _plot(p: Any, curves: dict[float, Any], path: str) -> None:
     plt.close(fig)
 
 
+def plot_path(text: str) -> tuple[Path | None, str | None]:
+    """``(path that will be written, None)`` or ``(None, why not)``, decided before any work:
+    a folder is rejected, a name without extension gets ``.png``, the extension must be a
+    format matplotlib writes, and the folder must exist."""
+    from matplotlib.figure import Figure
+
+    path = Path(text)
+    if path.is_dir():
+        return None, f"--plot {text} is a folder; give a file name, e.g. {path / 'pgt.png'}"
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        return None, f"--plot {text}: {path.suffix!r} is not a figure format; use one of {', '.join(sorted(formats))}"
+    if not path.absolute().parent.is_dir():
+        return None, f"--plot {text}: the folder {path.absolute().parent} does not exist"
+    return path, None
+
+
 def run(args: argparse.Namespace) -> int:
     from reparam.pgt._common import check_alpha
     from reparam.pgt.theory import power_transform, stationary_threshold
@@ -98,8 +122,12 @@ def run(args: argparse.Namespace) -> int:
         alphas = [check_alpha(a) for a in args.alpha]
         p = _distribution(args)
     except ValueError as err:
-        print(f"reparam pgt: error: {err}", file=sys.stderr)
-        return 2
+        return fail("pgt", err)
+    plot = None
+    if args.plot:
+        plot, problem = plot_path(args.plot)
+        if problem is not None:
+            return fail("pgt", problem)
     shown = set(alphas)
     shown |= set(REFERENCE_ALPHAS) if len(shown) == 1 else {1.0}
     curves = {a: power_transform(p, a) for a in sorted(shown, reverse=True)}
@@ -113,12 +141,11 @@ def run(args: argparse.Namespace) -> int:
             f"{alpha:>6.3g} {float(stationary_threshold(p, alpha)):>10.4f} "
             f"{float(q.max()):>8.4f} {float(q.min()):>8.4f} {entropy:>8.4f}"
         )
-    if args.plot:
+    if plot is not None:
         try:
-            _plot(p, curves, args.plot)
+            _plot(p, curves, plot)
         except OSError as err:
-            print(f"reparam pgt: error: cannot write {args.plot}: {err}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.plot}")
+            return fail("pgt", f"cannot write {plot}: {err.strerror or err}")
+        print(f"wrote {plot}")
     return 0
 

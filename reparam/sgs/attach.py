@@ -268,6 +268,7 @@ class SGSHandle:
 
         return closure_then_prepare
 
+    @torch.no_grad()
     def _prepare(self) -> None:
         self._active = [(g, [r for r in records if r.param.grad is not None]) for g, records in self._by_group]
         if self.mode == "grad":

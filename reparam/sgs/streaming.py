@@ -8,7 +8,7 @@ MAX / SUM), so every rank gets the same ``G``, bit-identical to one process that
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +70,11 @@ def _fingerprint(inputs: Tensor) -> tuple:
 
 
 def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc: str, progress: bool,
-         fingerprints: list[tuple] | None) -> list[tuple]:
-    """One pass of the model over ``batches``; checks pass 2 saw the same batches as pass 1."""
+         fingerprints: list[tuple] | None, before: Callable[[], None] | None = None,
+         skip_last: bool = False) -> list[tuple]:
+    """One pass of the model over ``batches``; checks pass 2 saw the same batches as pass 1.
+    ``before()`` runs before each forward; ``skip_last``: no forward for the last batch (pass 2
+    counts it from the maps kept in pass 1)."""
     seen = []
     iterator = batches
     if progress:
@@ -85,6 +88,10 @@ def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc:
             raise ConfigError(
                 f"batch {i} differs between the two passes over `batches` (shuffled or augmented loader?); the "
                 "statistic reads the batches twice: pass a list, e.g. list(itertools.islice(loader, n))")
+        if skip_last and i == len(fingerprints) - 1:
+            continue
+        if before is not None:
+            before()
         model(inputs)
     if fingerprints is not None and len(seen) != len(fingerprints):
         raise ConfigError(f"`batches` gave {len(fingerprints)} batches, then {len(seen)}; pass a list of batches")
@@ -145,9 +152,13 @@ def _scaling(name: str, statistic: Statistic, k: float, weight: Tensor) -> Tenso
 
 def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal: bool = False,
                        exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
-                       progress: bool = False) -> dict[str, Statistic]:
+                       progress: bool = False, keep_last_batch: bool = True) -> dict[str, Statistic]:
     """The streamed per-layer statistics behind :func:`masks_from_data` (same arguments), keyed by
-    weight parameter name: counts (``.counts``) and ``.dependence(k)`` for inspection and plots."""
+    weight parameter name: counts (``.counts``) and ``.dependence(k)`` for inspection and plots.
+
+    ``keep_last_batch``: keep the last batch's layer inputs from the range pass and count them
+    without a second forward (n + (n - 1) forwards instead of 2n; memory: one batch of layer inputs,
+    whatever the number of batches)."""
     if measure not in MEASURES:
         raise ConfigError(f"unknown measure {measure!r}; supported: {', '.join(MEASURES)}")
     if iter(batches) is batches:
@@ -162,28 +173,38 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
     device = param.device if param is not None else None
     flags = {m: m.training for m in model.modules()}
     phase = {"now": "ranges"}
+    kept: dict[str, list[Tensor]] = {}
 
-    def hook_for(statistic: Statistic):
+    def hook_for(name: str, statistic: Statistic):
         def hook(module: nn.Conv2d, args: tuple) -> None:
             x = padded_input(module, args[0], exclude_padding=exclude_padding)
-            statistic.observe_ranges(x) if phase["now"] == "ranges" else statistic.observe(x)
+            if phase["now"] == "ranges":
+                statistic.observe_ranges(x)
+                if keep_last_batch:
+                    kept.setdefault(name, []).append(x)
+            else:
+                statistic.observe(x)
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(stats[name])) for name, mods in convs.items() for m in mods]
+    handles = [m.register_forward_pre_hook(hook_for(name, stats[name])) for name, mods in convs.items() for m in mods]
     try:
         model.eval()
         with torch.no_grad():
-            prints = _run(model, batches, device, "MI statistics: ranges", progress, None)
+            prints = _run(model, batches, device, "MI statistics: ranges", progress, None, before=kept.clear)
             if distributed:
                 _sync(stats, group, device, "ranges")
             for s in stats.values():
                 if s.ranges.lo is not None:
                     s.freeze(s.ranges.lo.device)
             phase["now"] = "counts"
-            _run(model, batches, device, "MI statistics: counts", progress, prints)
+            for name in list(kept):
+                for x in kept.pop(name):
+                    stats[name].observe(x)
+            _run(model, batches, device, "MI statistics: counts", progress, prints, skip_last=keep_last_batch)
             if distributed:
                 _sync(stats, group, device, "counts")
     finally:
+        kept.clear()
         for handle in handles:
             handle.remove()
         for module, flag in flags.items():
@@ -193,7 +214,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
 
 def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K, diagonal_removal: bool = False,
                     exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
-                    progress: bool = False) -> dict[str, Tensor]:
+                    progress: bool = False, keep_last_batch: bool = True) -> dict[str, Tensor]:
     """``G = S / mean(S)`` (kh, kw) for every qualifying conv (:func:`qualifying_convs`), keyed by
     weight parameter name, in the weight's dtype and device.
 
@@ -202,9 +223,11 @@ def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K
     ``torch.no_grad()``; every module's train/eval flag is restored. Convs that never ran are absent
     (with a :class:`DependenceWarning`); a layer whose map has NaN/inf or is dead gets all ones (with
     a warning). Under torch.distributed (or given ``process_group``) every rank must call this; all
-    get the same G, equal to one process on the union of their batches."""
+    get the same G, equal to one process on the union of their batches. ``keep_last_batch``: see
+    :func:`collect_statistics` (saves one forward; costs one batch of layer inputs)."""
     stats = collect_statistics(model, batches, diagonal_removal=diagonal_removal, exclude_padding=exclude_padding,
-                               measure=measure, process_group=process_group, progress=progress)
+                               measure=measure, process_group=process_group, progress=progress,
+                               keep_last_batch=keep_last_batch)
     return _results(stats, qualifying_convs(model), k)
 
 

@@ -1,13 +1,14 @@
 """Trajectory-level verification of the PowerGrad Transform.
 
 Each case trains two copies of one small conv net from the same initialisation on the same
-batches, one with method A and one with method B, under the same optimizer (SGD with
-momentum or Adam), and records after every step the largest per-parameter relative
-deviation ``max_k ||theta_A,k - theta_B,k||_inf / ||theta_B,k||_inf``.
+batches (:func:`verification.lockstep.run_lockstep`), one with method A and one with method B,
+under the same optimizer (SGD with momentum or Adam), and records after every step the largest
+per-parameter relative deviation ``max_k ||theta_A,k - theta_B,k||_inf / ||theta_B,k||_inf``
+(:func:`verification.lockstep.deviation`, ``per_tensor=True``) and how far each copy moved.
 
-Verdict (float64 thresholds; float32 uses 1e-4 / 1e-2): ``"exact"`` if the maximum over steps
-is <= 1e-10, ``"diverges"`` if it exceeds 1e-6 (or is not finite), else ``"inconclusive"``,
-which never matches an expected verdict.
+Verdicts follow :func:`verification.tolerances.classify` (thresholds ``EXACT_TOL`` and
+``DIVERGENCE_FLOOR`` for the dtype; a non-finite deviation diverges; an "exact" trajectory must
+have moved ``min_movement``), ``"inconclusive"`` never matches an expected verdict.
 
 Because ``p**alpha / sum p**alpha = softmax(alpha z)``, PGT's logit gradient is the gradient
 of the surrogate ``CE(alpha z, target) / alpha``; matching every parameter's gradient makes the
@@ -16,28 +17,31 @@ two trainings identical under any optimizer, which is what the "exact" cases sho
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from reparam.pgt import power_grad_cross_entropy, power_grad_logits
+from verification.lockstep import LossFn, Side, deviation, movement, run_lockstep, snapshot, worst
+from verification.schema import CURVE_COLUMNS, SUMMARY_COLUMNS, frames
 from verification.tolerances import (
+    DEFAULT_STEPS,
     QUICK_STEPS,  # steps per case with quick=True, as `reparam verify --quick` says
+    check_steps,
     classify,
     single_thread,
 )
 
 from .reference import reference_reconstruct_from_grad_hook
 
-__all__ = ["run_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS", "QUICK_STEPS"]
+__all__ = ["run_pgt_section", "iter_pgt_section", "SUMMARY_COLUMNS", "CURVE_COLUMNS", "QUICK_STEPS"]
 
-SUMMARY_COLUMNS = ["section", "case", "expected", "observed", "max_abs_dev", "max_rel_dev", "match", "detail"]
-CURVE_COLUMNS = ["section", "case", "step", "rel_dev"]
+SECTION = "pgt"
 
 _DTYPES = (torch.float64, torch.float32)
 _BATCH = 8
@@ -45,71 +49,59 @@ _CLASSES = 5
 _NUM_BATCHES = 4
 _IGNORE = -100
 
-GradFn = Callable[[nn.Module, Tensor, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one copy computes its gradient: ``loss_fn(model, (x, t))``, backpropagated at loss
+    scale ``loss_scale`` and unscaled before the step (what GradScaler does)."""
+
+    loss_fn: LossFn
+    loss_scale: float = 1.0
 
 
 # --------------------------------------------------------------------------- methods
-def _backward(model: nn.Module, loss: Tensor, loss_scale: float) -> None:
-    """``(S * loss).backward()`` then divide the gradients by ``S`` (what GradScaler does)."""
-    if loss.dim() > 0:
-        loss = loss.sum()
-    (loss * loss_scale).backward()
-    if loss_scale != 1.0:
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.div_(loss_scale)
+def _pgt_loss(alpha: float, loss_scale: float = 1.0, **ce: object) -> Method:
+    return Method(lambda model, batch: power_grad_cross_entropy(model(batch[0]), batch[1], alpha, **ce), loss_scale)
 
 
-def _pgt_loss(alpha: float, loss_scale: float = 1.0, **ce: object) -> GradFn:
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        _backward(model, power_grad_cross_entropy(model(x), t, alpha, **ce), loss_scale)
-
-    return run
+def _surrogate(alpha: float, **ce: object) -> Method:
+    return Method(lambda model, batch: F.cross_entropy(alpha * model(batch[0]), batch[1], **ce) / alpha)
 
 
-def _surrogate(alpha: float, **ce: object) -> GradFn:
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        _backward(model, F.cross_entropy(alpha * model(x), t, **ce) / alpha, 1.0)
-
-    return run
+def _plain(**ce: object) -> Method:
+    return Method(lambda model, batch: F.cross_entropy(model(batch[0]), batch[1], **ce))
 
 
-def _plain(**ce: object) -> GradFn:
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        _backward(model, F.cross_entropy(model(x), t, **ce), 1.0)
-
-    return run
-
-
-def _grad_penalty(loss_fn: Callable[[Tensor, Tensor], Tensor], weight: float = 0.1) -> GradFn:
+def _grad_penalty(loss_fn: Callable[[Tensor, Tensor], Tensor], weight: float = 0.1) -> Method:
     """Train on ``loss + weight * ||d loss / d x||^2`` (double backward through the loss)."""
 
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        x = x.detach().requires_grad_()
-        loss = loss_fn(model(x), t)
-        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
-        _backward(model, loss + weight * gx.pow(2).sum(), 1.0)
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x = batch[0].detach().requires_grad_()
+        value = loss_fn(model(x), batch[1])
+        (gx,) = torch.autograd.grad(value, x, create_graph=True)
+        return value + weight * gx.pow(2).sum()
 
-    return run
+    return Method(loss)
 
 
-def _pgt_logits(alpha: float, loss_scale: float, explicit_scale: bool = False, **ce: object) -> GradFn:
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        z = model(x)
+def _pgt_logits(alpha: float, loss_scale: float, explicit_scale: bool = False, **ce: object) -> Method:
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, t = batch
         # unweighted mean: s = S / (number of non-ignored rows); ignored rows have zero gradient
         scale = loss_scale / int((t != _IGNORE).sum()) if explicit_scale else None
-        _backward(model, F.cross_entropy(power_grad_logits(z, alpha, scale=scale), t, **ce), loss_scale)
+        return F.cross_entropy(power_grad_logits(model(x), alpha, scale=scale), t, **ce)
 
-    return run
+    return Method(loss, loss_scale)
 
 
-def _reference_hook(alpha: float, loss_scale: float) -> GradFn:
-    def run(model: nn.Module, x: Tensor, t: Tensor) -> None:
-        z = model(x)
-        reference_reconstruct_from_grad_hook(z, t, alpha)
-        _backward(model, F.cross_entropy(z, t), loss_scale)
+def _reference_hook(alpha: float, loss_scale: float) -> Method:
+    def loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        z = model(batch[0])
+        reference_reconstruct_from_grad_hook(z, batch[1], alpha)
+        return F.cross_entropy(z, batch[1])
 
-    return run
+    return Method(loss, loss_scale)
 
 
 # --------------------------------------------------------------------------- cases
@@ -117,8 +109,8 @@ def _reference_hook(alpha: float, loss_scale: float) -> GradFn:
 class _Case:
     name: str
     expected: str
-    method_a: GradFn
-    method_b: GradFn
+    method_a: Method
+    method_b: Method
     optimizer: str  # "sgdm" | "adam"
     targets: str  # "hard" | "ignore" | "soft"
     detail: str
@@ -216,40 +208,69 @@ def _optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=1e-2)
 
 
-def _deviation(model_a: nn.Module, model_b: nn.Module) -> tuple[float, float]:
-    worst_abs, worst_rel = 0.0, 0.0
-    with torch.no_grad():
-        for pa, pb in zip(model_a.parameters(), model_b.parameters()):
-            d = float((pa - pb).abs().max())
-            ref = float(pb.abs().max())
-            if not (math.isfinite(d) and math.isfinite(ref)):
-                return math.inf, math.inf
-            worst_abs = max(worst_abs, d)
-            worst_rel = max(worst_rel, d / max(ref, 1e-300))
-    return worst_abs, worst_rel
+def _run_case(case: _Case, base: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int) -> list[dict]:
+    """One row per step: ``abs``/``rel`` deviation of copy A from copy B, and ``moved_abs`` /
+    ``moved_rel``, the movement from the start of the copy that moved less."""
+    sides = []
+    for name, method in (("a", case.method_a), ("b", case.method_b)):
+        model = copy.deepcopy(base)
+        sides.append(Side(name, model, _optimizer(case.optimizer, model), loss_fn=method.loss_fn,
+                          loss_scale=method.loss_scale))
+    start = snapshot(base.parameters())
+    model_a, model_b = sides[0].model, sides[1].model
+
+    def observe(step: int) -> dict:
+        d_abs, d_rel = deviation(list(model_b.parameters()), list(model_a.parameters()), per_tensor=True)
+        moved = min((movement(start, list(m.parameters())) for m in (model_a, model_b)), key=lambda m: (m[1], m[0]))
+        return {"abs": d_abs, "rel": d_rel, "moved_abs": moved[0], "moved_rel": moved[1]}
+
+    return run_lockstep(sides, batches, None, steps, observe)
 
 
-def _run_case(
-    case: _Case, base: nn.Module, batches: list[tuple[Tensor, Tensor]], steps: int
-) -> tuple[float, float, list[float]]:
-    model_a, model_b = copy.deepcopy(base), copy.deepcopy(base)
-    opt_a, opt_b = _optimizer(case.optimizer, model_a), _optimizer(case.optimizer, model_b)
-    curve: list[float] = []
-    max_abs = max_rel = 0.0
-    for step in range(steps):
-        x, t = batches[step % len(batches)]
-        for model, opt, method in ((model_a, opt_a, case.method_a), (model_b, opt_b, case.method_b)):
-            opt.zero_grad(set_to_none=True)
-            method(model, x, t)
-            opt.step()
-        d_abs, d_rel = _deviation(model_a, model_b)
-        curve.append(d_rel)
-        max_abs, max_rel = max(max_abs, d_abs), max(max_rel, d_rel)
-    return max_abs, max_rel, curve
+def _summary_row(case: _Case, rows: list[dict], dtype: torch.dtype, steps: int) -> dict:
+    max_rel = worst(r["rel"] for r in rows)
+    moved_abs, moved_rel = worst(r["moved_abs"] for r in rows), worst(r["moved_rel"] for r in rows)
+    observed = classify(max_rel, dtype, approximation=False, moved=moved_rel)
+    opt_name = "SGD momentum" if case.optimizer == "sgdm" else "Adam"
+    return dict(
+        section=SECTION, case=case.name, expected=case.expected, observed=observed,
+        max_abs_dev=worst(r["abs"] for r in rows), max_rel_dev=max_rel, moved_abs=moved_abs, moved_rel=moved_rel,
+        match=observed == case.expected, detail=f"{case.detail}; {opt_name}, {steps} steps",
+    )
+
+
+def iter_pgt_section(
+    steps: int = DEFAULT_STEPS,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = False,
+) -> Iterator[tuple[dict, pd.DataFrame]]:
+    """:func:`run_pgt_section` one case at a time: yields ``(summary row, curve)`` as each finishes."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
+    check_steps(steps, "run_pgt_section")
+    if quick:
+        steps = min(steps, QUICK_STEPS)
+    dev = torch.device(device)
+    base = _make_model(dtype, dev, seed)
+    data = _make_data(dtype, dev, seed)
+    cases = _cases(torch.linspace(0.5, 2.0, _CLASSES, dtype=dtype, device=dev))
+
+    def run_all() -> Iterator[tuple[dict, pd.DataFrame]]:
+        for case in tqdm(cases, desc="pgt", unit="case", disable=not progress, leave=False):
+            with single_thread():
+                rows = _run_case(case, base, data[case.targets], steps)
+            curve = pd.DataFrame({"section": SECTION, "case": case.name, "step": [r["step"] for r in rows],
+                                  "rel_dev": [r["rel"] for r in rows]}, columns=CURVE_COLUMNS)
+            yield _summary_row(case, rows, dtype, steps), curve
+
+    return run_all()
 
 
 def run_pgt_section(
-    steps: int = 20,
+    steps: int = DEFAULT_STEPS,
     dtype: torch.dtype = torch.float64,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -258,49 +279,9 @@ def run_pgt_section(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Run every PGT case and return ``(summary, curves)``.
 
-    ``summary``: one row per case, columns ``section, case, expected, observed, max_abs_dev,
-    max_rel_dev, match, detail``.  ``curves``: ``section, case, step, rel_dev`` per step.
-    ``quick`` caps the trajectory at :data:`QUICK_STEPS` (8) steps, the number
-    ``reparam verify --quick`` advertises.
+    ``summary``: one row per case, columns :data:`verification.schema.SUMMARY_COLUMNS`.
+    ``curves``: :data:`verification.schema.CURVE_COLUMNS`, one row per step. ``quick`` caps the
+    trajectory at :data:`QUICK_STEPS` steps, the number ``reparam verify --quick`` advertises.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if quick:
-        steps = min(steps, QUICK_STEPS)
-    dev = torch.device(device)
-    base = _make_model(dtype, dev, seed)
-    data = _make_data(dtype, dev, seed)
-    weight = torch.linspace(0.5, 2.0, _CLASSES, dtype=dtype, device=dev)
-    cases = _cases(weight)
-
-    iterator: object = cases
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(cases, desc="pgt", unit="case")
-
-    rows: list[dict[str, object]] = []
-    curves: list[dict[str, object]] = []
-    for case in iterator:  # type: ignore[union-attr]
-        with single_thread():
-            max_abs, max_rel, curve = _run_case(case, base, data[case.targets], steps)
-        observed = classify(max_rel, dtype, approximation=False)
-        opt_name = "SGD momentum" if case.optimizer == "sgdm" else "Adam"
-        rows.append(
-            {
-                "section": "pgt",
-                "case": case.name,
-                "expected": case.expected,
-                "observed": observed,
-                "max_abs_dev": max_abs,
-                "max_rel_dev": max_rel,
-                "match": observed == case.expected,
-                "detail": f"{case.detail}; {opt_name}, {steps} steps",
-            }
-        )
-        curves.extend(
-            {"section": "pgt", "case": case.name, "step": i + 1, "rel_dev": v} for i, v in enumerate(curve)
-        )
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS), pd.DataFrame(curves, columns=CURVE_COLUMNS)
+    summary, curves = frames(iter_pgt_section(steps, dtype, device, seed, quick, progress))
+    return summary[SUMMARY_COLUMNS], curves
