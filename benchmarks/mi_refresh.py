@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = config.split(":")
         for side in (parts[3:] or args.sides.split(",")):
             jobs.append((parts[0], int(parts[1]), int(parts[2]), side))
-    rows = []
+    rows = _previous(args.out, jobs) if args.out else []
     for job in tqdm(jobs, desc="mi refresh"):
         rows.append(_subprocess(*job, timeout=args.timeout))
         tqdm.write(json.dumps(rows[-1]))
@@ -188,6 +188,18 @@ def main(argv: list[str] | None = None) -> int:
             _write(rows, env, args.out)
     print(table(rows).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     return 0
+
+
+def _previous(out: Path, jobs: list[tuple]) -> list[dict]:
+    """Rows already in ``out/raw.csv`` that this run does not re-measure (runs add up)."""
+    import pandas as pd
+
+    if not (out / "raw.csv").exists():
+        return []
+    old = pd.read_csv(out / "raw.csv").to_dict("records")
+    again = {(m, n, size, side) for m, n, size, side in jobs}
+    return [{k: v for k, v in r.items() if pd.notna(v)} for r in old
+            if (r["model"], int(r["batches"]), int(r["image_size"]), r["side"]) not in again]
 
 
 def _write(rows: list[dict], env: dict, out: Path) -> None:

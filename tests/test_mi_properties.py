@@ -83,3 +83,43 @@ def test_a_copy_shifted_by_d_is_dependent_at_d():
     S = spatial_dependence(x, 3)
     assert S[2, 2] > 0.97 and S[0, 0] > 0.97
     assert float(S[1, 2]) < 0.3 and float(S[0, 2]) < 0.3
+
+
+def _all_reduce(pair: list, phase: str) -> None:
+    """What torch.distributed's all-reduce does to the statistics of two ranks, in-process."""
+    ops = {"min": torch.minimum, "max": torch.maximum, "sum": torch.add}
+    lists = [s.range_reductions() if phase == "ranges" else s.count_reductions() for s in pair]
+    for (a, op), (b, _) in zip(*lists):
+        combined = ops[op](a, b)
+        a.copy_(combined)
+        b.copy_(combined)
+    if phase == "ranges":
+        for s in pair:
+            s.ranges_reduced()
+
+
+@settings(max_examples=examples(10))
+@given(maps(np.float32), st.integers(1, 5), kernels, st.booleans())
+def test_split_batches_reduce_to_the_single_process_counts(fmap, cut, kernel, diagonal_removal):
+    """Two 'ranks' with any split of the images, combined with MIN / MAX / SUM, count exactly what one
+    process counts on all images (the algebra the distributed driver relies on)."""
+    from reparam.sgs.dependence import make_statistic, run_passes
+
+    cut = cut % fmap.shape[0]
+    parts = [fmap[:cut], fmap[cut:]]
+    ranks = [make_statistic(kernel, diagonal_removal=diagonal_removal) for _ in parts]
+    for s, part in zip(ranks, parts):
+        if part.shape[0]:
+            s.observe_ranges(part)
+        else:
+            s.allocate_like(fmap.shape[1:], fmap.dtype, fmap.device)
+    _all_reduce(ranks, "ranges")
+    for s, part in zip(ranks, parts):
+        s.freeze(fmap.device)
+        s.observe(part)
+    _all_reduce(ranks, "counts")
+    single = make_statistic(kernel, diagonal_removal=diagonal_removal)
+    run_passes(single, lambda: [fmap])
+    for s in ranks:
+        assert torch.equal(s.counts, single.counts)
+        torch.testing.assert_close(s.dependence(), single.dependence(), rtol=0, atol=0, equal_nan=True)

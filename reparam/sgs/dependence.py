@@ -207,6 +207,23 @@ class _Statistic:
     def seen(self) -> bool:
         return self.ranges.lo is not None and self.ranges.images > 0
 
+    def per_channel(self, k: float) -> Tensor:  # pragma: no cover - defined by each statistic
+        raise NotImplementedError
+
+    def dependence(self, k: float = DEFAULT_K) -> Tensor:
+        """S (kh, kw) float64 on the CPU: channel ``nanmean`` of the k-transformed measure, centre 1."""
+        if not self._frozen:
+            raise ConfigError("dependence() needs the counting pass: call observe() on every batch first")
+        return self.geometry.assemble(self.per_channel(k).nanmean(dim=1).cpu())
+
+    def problems(self) -> list[str]:
+        """Why this layer's S cannot be used as is (empty when it can)."""
+        if not self.seen:
+            return ["it never ran"]
+        if not self.healthy:
+            return ["its input has NaN or inf values"]
+        return []
+
     @property
     def healthy(self) -> bool:
         """Whether the map had only finite values (else the layer gets G = 1 with a warning)."""
@@ -228,7 +245,7 @@ class HistogramStatistic(_Statistic):
         super().__init__(kernel_size, dilation)
         self.diagonal_removal = diagonal_removal
         self.counts: Tensor | None = None
-        self._nonzero: list[Tensor] | None = None  # diagonal removal: [count, xlo, xhi, ylo, yhi] per displacement
+        self._nonzero: Tensor | None = None  # diagonal removal: (D, [count, xlo, xhi, ylo, yhi], C)
 
     # -- pass 1 ------------------------------------------------------------------------------
     def observe_ranges(self, x: Tensor) -> None:
@@ -362,18 +379,10 @@ class HistogramStatistic(_Statistic):
         s = k_transform(self.nmi(), k)
         return torch.nan_to_num(s, nan=0.0) if self.diagonal_removal else s
 
-    def dependence(self, k: float = DEFAULT_K) -> Tensor:
-        """S (kh, kw) float64 on the CPU: channel ``nanmean`` of the k-transformed NMI, centre 1."""
-        if not self._frozen:
-            raise ConfigError("dependence() needs the counting pass: call observe() on every batch first")
-        return self.geometry.assemble(self.per_channel(k).nanmean(dim=1).cpu())
-
     def problems(self) -> list[str]:
         """Why this layer's S cannot be used as is (empty when it can)."""
-        if not self.seen:
-            return ["it never ran"]
-        if not self.healthy:
-            return ["its input has NaN or inf values"]
+        if super().problems():
+            return super().problems()
         counted = self.counts[:, :, :-1, :-1].sum(dim=(1, 2, 3))
         if bool((counted == 0).any()):
             return ["no pixel pair could be counted for some displacement (dead layer, or every pair has a zero)"]
@@ -490,18 +499,6 @@ class CorrelationStatistic(_Statistic):
         var = (sxx - sx * sx / n).clamp_min(0) * (syy - sy * sy / n).clamp_min(0)
         r = (cov / var.sqrt()).abs().clamp(max=1.0)
         return k_transform(r, k)
-
-    def dependence(self, k: float = DEFAULT_K) -> Tensor:
-        if not self._frozen:
-            raise ConfigError("dependence() needs the accumulation pass: call observe() on every batch first")
-        return self.geometry.assemble(self.per_channel(k).nanmean(dim=1).cpu())
-
-    def problems(self) -> list[str]:
-        if not self.seen:
-            return ["it never ran"]
-        if not self.healthy:
-            return ["its input has NaN or inf values"]
-        return []
 
 
 def make_statistic(kernel_size: int | Sequence[int], *, dilation: int | Sequence[int] = 1, diagonal_removal: bool = False,
