@@ -153,7 +153,9 @@ def test_clip_before_is_the_official_order_and_after_bounds_the_scaled_gradient(
 
 def test_wrappers_are_looked_through_for_names():
     model = tiny_cnn()
-    assert DynamicSGS(torch.compile(model), sgd(model), DATA).model is model  # built, never compiled
+    compiled = nn.Module()  # what torch.compile returns: a module holding the original as _orig_mod
+    compiled._orig_mod = model
+    assert DynamicSGS(compiled, sgd(model), DATA).model is model
     dyn = DynamicSGS(nn.DataParallel(model), sgd(model), DATA, measure="autocorrelation")
     dyn.refresh()
     assert set(dyn.masks) == {"0.weight", "2.weight"}
