@@ -151,9 +151,12 @@ def test_clip_before_is_the_official_order_and_after_bounds_the_scaled_gradient(
     assert not torch.equal(results["before"][2], results["after"][2])  # the order matters
 
 
-def test_ddp_wrapper_is_looked_through_for_names():
+def test_wrappers_are_looked_through_for_names():
     model = tiny_cnn()
-    dyn = DynamicSGS(nn.DataParallel(model), sgd(model), DATA)
+    compiled = nn.Module()  # what torch.compile returns: a module holding the original as _orig_mod
+    compiled._orig_mod = model
+    assert DynamicSGS(compiled, sgd(model), DATA).model is model
+    dyn = DynamicSGS(nn.DataParallel(model), sgd(model), DATA, measure="autocorrelation")
     dyn.refresh()
     assert set(dyn.masks) == {"0.weight", "2.weight"}
     dyn.remove()
@@ -167,6 +170,8 @@ def test_ddp_wrapper_is_looked_through_for_names():
     (dict(every=0), "every=0"),
     (dict(num_batches=0), "num_batches=0"),
     (dict(k=0.5), "k=0.5"),
+    (dict(measure="mi"), "measure='mi'"),
+    (dict(measure="autocorrelation", diagonal_removal=True), "diagonal_removal applies"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     model = tiny_cnn()
@@ -180,3 +185,16 @@ def test_empty_loader_and_non_tensor_batches_are_clear_errors():
         DynamicSGS(model, sgd(model), []).refresh()
     with pytest.raises(ConfigError, match="yielded a str"):
         DynamicSGS(model, sgd(model), ["x"]).refresh()
+
+
+def test_load_state_dict_checks_keys_and_reports_changed_settings():
+    model = tiny_cnn()
+    dyn = DynamicSGS(model, sgd(model), DATA, every=5)
+    dyn.refresh(1)
+    state = dyn.state_dict()
+    other = DynamicSGS(model, sgd(model), DATA, every=3)
+    with pytest.warns(UserWarning, match="every=5->3"):
+        other.load_state_dict(state)
+    assert other.last_refresh == 1 and all(torch.equal(other.masks[n], g) for n, g in state["masks"].items())
+    with pytest.raises(ConfigError, match="no \\['last_refresh'\\]"):
+        other.load_state_dict({"masks": {}, "settings": {}})

@@ -86,7 +86,7 @@ def _image_problem(source: str) -> str | None:
     try:
         natural_photographs() if source == "natural" else folder_images(source)
     except ConfigError as err:
-        return f"--images {err}"
+        return f"--images natural: {err}" if source == "natural" else f"--images {err}"
     return None
 
 

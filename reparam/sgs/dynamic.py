@@ -2,7 +2,7 @@
 
 The SGS paper's own method: ``G`` of every qualifying conv is computed from the dependence
 (mutual information) between neighbouring pixels of the conv's input
-(:func:`reparam.sgs.dependence.masks_from_data`), held at 1 during a warm-up, refreshed
+(:func:`reparam.sgs.streaming.masks_from_data`), held at 1 during a warm-up, refreshed
 during training, and applied by an :class:`~reparam.sgs.attach.SGSHandle` whose masks are
 replaced in place. See docs/mi_training.md for the method, its defaults and what differs
 from the paper and from the official code.
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from reparam.errors import ConfigError
 from reparam.sgs.attach import SGSHandle, attach_sgs
+from reparam.sgs.dependence import MEASURES
 
 #: The schedules of the paper's published configurations (batch size is the loader's: 128 for
 #: CIFAR, 32 per GPU on 8 GPUs for ImageNet). ``DynamicSGS(..., **PUBLISHED_SCHEDULES["cifar10"])``.
@@ -32,10 +33,11 @@ _SETTINGS = ("warmup", "every", "num_batches", "k", "diagonal_removal", "exclude
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module whose parameter names are the user's: DDP / DataParallel wrappers removed."""
+    """The module whose parameter names are the user's: DDP / DataParallel / ``torch.compile``
+    wrappers removed."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
-        model = model.module
+    while isinstance(model, wrappers) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, wrappers) else model._orig_mod
     return model
 
 
@@ -55,7 +57,7 @@ class DynamicSGS:
     - Distributed: the statistics are reduced over ``process_group`` (None: the default group
       when torch.distributed is initialised), so every rank gets the same ``G``, the one of a
       single process on the union of the ranks' batches. Every rank must call ``epoch_start``
-      with the same epochs (the refresh is a collective). A DDP wrapper
+      with the same epochs (the refresh is a collective). A DDP (or ``torch.compile``) wrapper
       is looked through: masks are keyed by the wrapped module's parameter names.
     - ``state_dict()`` holds ``G``, the epoch of the last refresh and the settings, so a resumed
       run keeps its ``G``; load it after ``optimizer.load_state_dict`` (it re-attaches).
@@ -84,6 +86,7 @@ class DynamicSGS:
         progress: bool = False,
     ) -> None:
         _check_settings(warmup, every, num_batches, k, mode, clip_order)
+        _check_measure(measure, diagonal_removal)
         self.model = _unwrapped(model)
         self.optimizer = optimizer
         self.loader = loader
@@ -244,3 +247,10 @@ def _check_settings(warmup: int, every: int | None, num_batches: int, k: float, 
         problems.append("clip_order='after' bounds the scaled gradient G ⊙ g, which exists only in mode='grad'")
     if problems:
         raise ConfigError("DynamicSGS: " + "; ".join(problems))
+
+
+def _check_measure(measure: str, diagonal_removal: bool) -> None:
+    if measure not in MEASURES:
+        raise ConfigError(f"DynamicSGS: measure={measure!r} is not supported; choose one of {', '.join(MEASURES)}")
+    if diagonal_removal and measure != "nmi":
+        raise ConfigError(f"DynamicSGS: diagonal_removal applies to the 'nmi' measure only, not {measure!r}")
