@@ -271,9 +271,11 @@ def _expectation(report, optimizer: torch.optim.Optimizer, mode: str, steps: int
         return APPROXIMATE, f"{count} only approximate under SGS ({first.weight}: {first.reasons[0]})"
     if injected:
         return DIVERGES, f"masks replaced by the caller for {', '.join(injected)} (negative control)"
-    reason = inexact_reasons_for_steps(optimizer, optimizer.param_groups, steps)[mode]
-    if reason is not None:
-        return DIVERGES, reason
+    reasons = inexact_reasons_for_steps(optimizer, optimizer.param_groups, steps)
+    if reasons[mode] is not None:
+        if all(reasons.values()):
+            return DIVERGES, f"no SGS mode is exact here (ran {mode!r}): " + "; ".join(f"{m}: {r}" for m, r in reasons.items())
+        return DIVERGES, reasons[mode]
     return EXACT, why_exact(optimizer, optimizer.param_groups, mode, steps)
 
 
