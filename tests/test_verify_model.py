@@ -20,12 +20,13 @@ TINY = dict(steps=4, batch_size=8, image_size=8)
 
 
 def small_net() -> nn.Module:
-    """A torchvision-like CNN: conv(+bias)-BN-ReLU, conv-BN-ReLU, pool, linear."""
+    """A torchvision-like CNN: conv(+bias)-BN-ReLU, conv-BN-ReLU, pool, dropout, linear. The
+    dropout must draw the same mask on every side (else nothing would ever look exact)."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(8, 5),
     )
 
 
@@ -88,7 +89,7 @@ def test_negative_control_wrong_mask_diverges():
     assert wrong.overall.max_rel_dev > 1e-3
     assert wrong.metadata["injected_masks"] == ["0.weight"]
     with pytest.raises(ConfigError, match="no SGS mask"):
-        verify_model(small_net(), masks={"8.weight": torch.ones(1, 1)}, **TINY)
+        verify_model(small_net(), masks={"9.weight": torch.ones(1, 1)}, **TINY)
 
 
 def test_negative_control_broken_attach_is_caught(monkeypatch):
@@ -124,6 +125,13 @@ def test_ill_conditioned_configuration_is_reported_as_such():
     # the same network in float64 is judged (the floor stays far below the tolerance)
     assert_exact(verify_model(deep_narrow_net(), bn="after", optimizer="SGD(lr=1.0, momentum=0.9)", steps=4,
                               batch_size=2, image_size=2), tol=1e-10)
+
+
+def test_torchvision_spec():
+    result = verify_model("torchvision:squeezenet1_1", optimizer="SGD(lr=0.05, momentum=0.9)", steps=2, batch_size=2,
+                          image_size=32)
+    assert_exact(result)
+    assert result.metadata["model"] == "torchvision:squeezenet1_1" and result.metadata["layers"] == 9
 
 
 @pytest.mark.parametrize(

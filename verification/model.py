@@ -160,10 +160,15 @@ def _logits(output: object) -> Tensor:
     return output
 
 
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Cross-entropy on random labels: non-linear, so the gradient depends on the weights."""
-    x, target = batch
-    return F.cross_entropy(_logits(model(x)), target)
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor, int]) -> Tensor:
+    """Cross-entropy on random labels (non-linear, so the gradient depends on the weights). The
+    forward runs under the batch's own seed, so random layers (dropout, stochastic depth) draw
+    the same numbers on every side; the caller's RNG state is left as it was."""
+    x, target, seed = batch
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return F.cross_entropy(_logits(model(x)), target)
 
 
 def _modes(model: nn.Module) -> dict[str, bool]:
@@ -200,7 +205,8 @@ def _batches(model: nn.Module, steps: int, batch_size: int, image_size: int, dty
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
         raise ConfigError(f"verify_model: the model fails on a batch of shape {shape} ({err})") from None
     return [(torch.randn(shape, generator=generator, dtype=dtype).to(device),
-             torch.randint(classes, (batch_size,), generator=generator).to(device)) for _ in range(steps)], classes
+             torch.randint(classes, (batch_size,), generator=generator).to(device), seed + 3 + step)
+            for step in range(steps)], classes
 
 
 # -- building the sides ----------------------------------------------------------------------------
