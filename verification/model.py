@@ -87,8 +87,9 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
     if not floor <= tol / 10:
         return ILL_CONDITIONED, (f"rounding alone reaches {floor:.1e} here (the rounding twin), within 10x of the "
                                  f"tolerance {tol:.0e}, so SGS (deviation {dev:.1e}) cannot be told from amplified "
-                                 "rounding: too ill-conditioned to judge; use a larger batch or image size, fewer steps, "
-                                 "a smaller learning rate or float64")
+                                 "rounding: too ill-conditioned to judge; use a larger batch or image size, fewer steps"
+                                 + (", a smaller learning rate or float64" if dtype != torch.float64 else
+                                    " or a smaller learning rate"))
     if dev <= tol:
         return EXACT, f"deviation {dev:.1e} <= tolerance {tol:.0e} (noise floor {floor:.1e}, weights moved {moved:.1e})"
     return INCONCLUSIVE, f"deviation {dev:.1e} between the tolerance {tol:.0e} and the divergence floor {div:.0e}"
@@ -412,9 +413,9 @@ def plot_model_deviation(result: ModelVerification, path: Path) -> Path:
     for layer, part in sgs.groupby("layer", sort=False):
         if layer != worst:
             ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color="grey", alpha=0.35, linewidth=0.8)
-    colour = VERDICT_COLOURS.get(result.verdict, "black")
+    colour = {**VERDICT_COLOURS, ILL_CONDITIONED: "tab:brown"}.get(result.verdict, "black")
     part = sgs[sgs.layer == worst]
-    ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color=colour, linewidth=2, label=f"SGS, worst layer ({worst})")
+    ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color=colour, linewidth=2, label=f"SGS, worst layer: {worst}")
     floor = twin.groupby("step").rel_dev.max()
     ax.plot(floor.index, floor.clip(lower=1e-17), color="black", linestyle="-.", linewidth=1.5,
             label=f"noise floor ({result.floor_side} twin, all layers)")
