@@ -180,3 +180,19 @@ def test_core_import_does_not_import_timm():
     code = "import sys, reparam, reparam.adapters, reparam.convert; print('timm' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_repvgg_a0_fuses_like_timm_and_masks_load_into_the_deployed_model():
+    model = randomize(timm.create_model("repvgg_a0", pretrained=False, num_classes=5).double())
+    sgs = to_sgs_foreign(model)
+    theirs = timm.utils.reparameterize_model(model)
+    assert list(sgs.model.state_dict()) == list(theirs.state_dict())
+    worst = max(float((a - b).abs().max()) for a, b in zip(sgs.model.state_dict().values(), theirs.state_dict().values()))
+    assert worst <= 1e-12
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert max_output_difference(model.eval()(x), sgs.model.eval()(x)) <= 1e-10 * float(model(x).abs().max())
+    assert len(sgs.layers) == 22 and all(name.endswith(".reparam_conv.weight") for name in sgs.masks)
+    assert all(not layer.analysis.exact and "BatchNorm" in layer.analysis.reasons[0] for layer in sgs.layers)
+    opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    handle = attach_sgs(opt, sgs.masks, constant_kernels=sgs.constants, model=theirs)
+    assert len(handle.parameters) == 22
