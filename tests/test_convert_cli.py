@@ -81,7 +81,7 @@ def test_masks_command_with_plot(tiny_module, tmp_path, capsys):
                "--out", str(out), "--plot", str(png)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
-    assert "0.weight: [[1.0, 2.0, 1.0], [2.0, 3.0, 2.0], [1.0, 2.0, 1.0]]" in printed
+    assert "exact, 2 layer(s): 0.weight, 3.weight\n      1 2 1\n      2 3 2\n      1 2 1" in printed  # grouped
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     masks = load_masks(out, load_model(f"{tiny_module}:tiny_net"))
     assert torch.equal(masks["3.weight"], torch.tensor([[1.0, 2, 1], [2, 3, 2], [1, 2, 1]]))

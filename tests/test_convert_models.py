@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 from reparam.blocks import ReparamBlock
-from reparam.cli._convert_common import randomized_copy
 from reparam.convert import UntraceableModelWarning, convert_model, find_conv_bn_pairs, fuse_model
+from reparam.convert.workflow import randomized_copy
 from reparam.errors import ConfigError
 
 RTOL = 1e-10
@@ -77,7 +77,7 @@ def test_torchvision_models_preserve_and_fuse(name, block, bn):
     with torch.no_grad():
         out = converted(x)
     assert _rel(out, reference) <= RTOL
-    fused, diff = fuse_model(converted, probe=x)
+    fused, diff = fuse_model(converted, probe=x, return_report=True)
     assert not any(isinstance(m, ReparamBlock) for m in fused.modules())
     with torch.no_grad():
         fused_out = fused(x)
@@ -186,7 +186,7 @@ def test_edge_cases(cls, block, bn):
     with torch.no_grad():
         out = converted(x)
     assert _rel(out, reference) <= RTOL
-    fused, diff = fuse_model(converted, probe=x)
+    fused, diff = fuse_model(converted, probe=x, return_report=True)
     with torch.no_grad():
         assert _rel(fused(x), out) <= RTOL
 
@@ -279,3 +279,17 @@ def test_inplace_and_fuse_keeps_training_flag():
     fused = fuse_model(model)
     assert fused is not model and fused.training and isinstance(fused.c1, nn.Conv2d)
     assert isinstance(model.c1, ReparamBlock)
+
+
+def test_result_objects_and_the_deprecated_fuse_tuple():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    result = convert_model(model, "acb", "after", return_report=True)
+    assert result.model.reparam_report is result.report and len(result.report.converted) == 1
+    fused = fuse_model(result.model, probe=x, return_report=True)
+    assert fused.report.fused == ["0"] and fused.report.max_abs_diff < 1e-12
+    assert fuse_model(result.model, return_report=True).report.max_abs_diff is None
+    with pytest.warns(DeprecationWarning, match="return_report=True"):
+        deployed, diff = fuse_model(result.model, probe=x)
+    assert isinstance(deployed[0], nn.Conv2d) and diff == fused.report.max_abs_diff

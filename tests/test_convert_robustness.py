@@ -22,7 +22,6 @@ from test_convert_models import randomized_reference  # tests/ is on sys.path (n
 from torch import nn
 
 from reparam.cli import main
-from reparam.cli._convert_common import randomized_copy
 from reparam.convert import (
     MaskFileWarning,
     UntraceableModelWarning,
@@ -34,6 +33,7 @@ from reparam.convert import (
     to_sgs,
 )
 from reparam.convert.maskfile import _checksum
+from reparam.convert.workflow import randomized_copy
 from reparam.errors import ConversionError, MaskFileError
 
 
@@ -220,7 +220,7 @@ def test_constants_are_sparse_exact_and_not_dropped_silently(r18_file):
 
 def _rewrite(path: Path, out: Path, edit_tensors=None, edit_meta=None, fix_checksums: bool = True) -> Path:
     with safe_open(path, "pt") as handle:
-        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle}
+        meta, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     if edit_tensors:
         edit_tensors(tensors)
     if edit_meta:

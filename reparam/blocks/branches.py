@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reparam.blocks.geometry import ConvGeometry
-from reparam.errors import NotMaskEquivalent
-from reparam.kernels import centre_pad, fold_batchnorm, identity_kernel, merge_1x1_then_kxk, window_mask
+from reparam.errors import ConversionError, NotMaskEquivalent
+from reparam.kernels import average_kernel, centre_pad, fold_batchnorm, identity_kernel, merge_1x1_then_kxk, window_mask
 
 #: ``nn.Conv2d``-style factory keyword arguments: ``{"device": ..., "dtype": ...}``
 Factory = Mapping[str, Any]
@@ -27,6 +27,13 @@ def _optional_bn(channels: int, enabled: bool, factory: Factory) -> nn.BatchNorm
 
 def _maybe_fold(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
     return (weight, bias) if bn is None else fold_batchnorm(weight, bias, bn)
+
+
+def _silence_bn(bn: nn.BatchNorm2d) -> None:
+    """``gamma = beta = 0``: the BN outputs exactly 0 in train and eval mode; ``gamma`` gets a
+    gradient at the first step, after which the weights before it train too."""
+    bn.weight.zero_()
+    bn.bias.zero_()
 
 
 def _kaiming_weight(shape: tuple[int, ...], factory: Factory) -> nn.Parameter:
@@ -96,6 +103,11 @@ class Branch(nn.Module):
         """The parameter-free part of the branch's kernel (None if there is none)."""
         return None
 
+    def silence(self) -> None:
+        """Make the branch output exactly 0 (train and eval mode) while every parameter keeps a
+        gradient path, so that a block can start as the function of its main branch alone."""
+        raise ConversionError(f"branch {self.label!r} ({type(self).__name__}) does not know how to output 0")
+
     def _not_mask(self, approximate: bool, why: str) -> list[Tensor]:
         if not approximate:
             raise NotMaskEquivalent(f"branch {self.label!r} is not a binary mask of the fused kernel: {why}")
@@ -138,6 +150,13 @@ class ConvBranch(Branch):
     def masks(self, approximate: bool = False) -> list[Tensor]:
         return [window_mask(self.window, self.geometry.kernel_size)]
 
+    @torch.no_grad()
+    def silence(self) -> None:
+        if self.bn is not None:
+            _silence_bn(self.bn)
+        else:
+            self.weight.zero_()  # linear: a zero kernel still gets the full gradient
+
     def spatial_jacobian(self) -> Tensor:
         self._require_linear(self.bn)
         mask = self.masks()[0].flatten()
@@ -178,6 +197,12 @@ class IdentityBranch(Branch):
     def constant(self) -> Tensor | None:
         return self.identity if self.bn is None else None
 
+    @torch.no_grad()
+    def silence(self) -> None:
+        if self.bn is not None:
+            _silence_bn(self.bn)
+        # without BN the identity is the constant kernel C: the block compensates it in its main branch
+
 
 class SequentialBranch(Branch):
     """1x1 conv (in -> in, groups) [-> BN, padded with its zero response] -> KxK conv [-> BN].
@@ -214,6 +239,13 @@ class SequentialBranch(Branch):
             approximate, "it is the product of two trainable kernels (1x1 then KxK), so its Jacobian changes every step"
         )
 
+    @torch.no_grad()
+    def silence(self) -> None:
+        if self.second_bn is not None:
+            _silence_bn(self.second_bn)
+        else:
+            self.second.zero_()  # the 1x1 stays the identity, so the KxK still gets a gradient
+
     def spatial_jacobian(self) -> Tensor:
         raise NotMaskEquivalent(
             f"branch {self.label!r} is the product of two trainable kernels: not linear in its parameters, "
@@ -241,8 +273,7 @@ class AverageBranch(Branch):
         if self.first_bn is not None:
             y = _pad_with_zero_response(self.first_bn(y), y, self.first_bn, g.padding)
             padding = (0, 0)
-        kh, kw = g.kernel_size
-        pool = torch.full((g.out_channels, 1, kh, kw), 1.0 / (kh * kw), dtype=y.dtype, device=y.device)
+        pool = average_kernel(g.out_channels, g.out_channels, g.kernel_size, dtype=y.dtype, device=y.device)
         y = F.conv2d(y, pool, None, g.stride, padding, g.dilation, g.out_channels)
         return y if self.second_bn is None else self.second_bn(y)
 
@@ -260,6 +291,13 @@ class AverageBranch(Branch):
             "one trainable weight per channel pair is spread over the whole KxK window, so J J^T is not "
             "diagonal (use the block's spatial_preconditioner())",
         )
+
+    @torch.no_grad()
+    def silence(self) -> None:
+        if self.second_bn is not None:
+            _silence_bn(self.second_bn)
+        else:
+            self.first.zero_()
 
     def spatial_jacobian(self) -> Tensor:
         self._require_linear(self.first_bn)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 import warnings
@@ -10,8 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import torch
-from torch import nn
+from reparam.blocks import BLOCKS, BN_PLACEMENTS
+
+#: exit status of a usage error, and of a run stopped by Ctrl-C (128 + SIGINT, as shells report it)
+USAGE_ERROR, INTERRUPTED = 2, 130
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +21,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="'torchvision:<name>' (random weights, no download) or 'module:callable' (called with no arguments; "
              "the module may live in the current directory)",
     )
-    parser.add_argument("--block", choices=("acb", "repvgg", "dbb"), default="acb", help="block type (default: acb)")
+    parser.add_argument("--block", choices=sorted(BLOCKS), default="acb", help="block type (default: acb)")
     parser.add_argument(
-        "--bn", choices=("branch", "after", "none"), default="branch",
+        "--bn", choices=BN_PLACEMENTS, default="branch",
         help="BatchNorm placement in the blocks (default: branch)",
     )
     parser.add_argument("--include", action="append", default=None, metavar="PAT",
@@ -31,29 +32,42 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave convs whose qualified name matches this fnmatch pattern (repeatable)")
 
 
-def first_conv_channels(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            return module.in_channels
-    return 3
+def fail(command: str, err: Any, status: int = USAGE_ERROR) -> int:
+    """Print ``reparam <command>: error: <err>`` (one line) to stderr; return ``status``."""
+    text = str(err).strip()
+    print(f"reparam {command}: error: {text.splitlines()[0] if text else type(err).__name__}", file=sys.stderr)
+    return status
 
 
-def fail(command: str, err: Any) -> int:
-    print(f"reparam {command}: error: {err}", file=sys.stderr)
-    return 2
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
-def prepare_output(path: str, directory: bool = False) -> str | None:
-    """Create the output directory (``directory=True``) or check that the output file's
-    directory exists; return why ``path`` cannot be written (one line), or None."""
+def output_folder_problem(path: str) -> str | None:
+    """Why the output folder ``path`` cannot be created or written (one line), or None. Creates
+    nothing: the folder is made only when the outputs are written."""
     target = os.path.abspath(path)
-    folder = target if directory else os.path.dirname(target)
-    if directory:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as err:
-            return f"cannot create output directory {path}: {err.strerror or err}"
-    elif os.path.isdir(target):
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"cannot write to {path}: it is a file, not a folder"
+    existing = _nearest_existing(target)
+    if not os.path.isdir(existing):
+        return f"cannot create output directory {path}: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create output directory {path}: {existing} is not writable"
+    return None
+
+
+def prepare_output(path: str) -> str | None:
+    """Check that the output file's directory exists and is writable; return why ``path``
+    cannot be written (one line), or None."""
+    target = os.path.abspath(path)
+    folder = os.path.dirname(target)
+    if os.path.isdir(target):
         return f"cannot write {path}: it is a directory"
     if not os.path.isdir(folder):
         return f"cannot write {path}: {folder} is not an existing directory"
@@ -72,24 +86,3 @@ def printed_warnings(command: str) -> Iterator[None]:
         finally:
             for warning in caught:
                 print(f"reparam {command}: warning: {warning.message}", file=sys.stderr)
-
-
-@torch.no_grad()
-def randomized_copy(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` whose BatchNorm running statistics and affine parameters and conv
-    biases are random (deterministic in ``seed``), so that a function-preservation check
-    cannot pass by accident (torchvision's fresh BatchNorms are the identity in eval mode)."""
-    copied = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    for module in copied.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            if module.running_mean is not None:
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-            if module.affine:
-                module.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(n, generator=gen))
-        elif isinstance(module, nn.Conv2d) and module.bias is not None:
-            module.bias.copy_(0.1 * torch.randn(module.out_channels, generator=gen))
-    return copied

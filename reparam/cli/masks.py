@@ -1,13 +1,17 @@
 """``reparam masks``: the SGS mask of every converted layer, as a file and a heatmap grid.
 
     reparam masks --model torchvision:resnet18 --block acb --bn after --out masks.safetensors --plot masks.png
+
+The printed summary groups layers with identical masks (and reasons), so it fits a terminal
+whatever the model's depth.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
-from reparam.cli._convert_common import add_model_arguments, fail
+from reparam.cli._convert_common import INTERRUPTED, add_model_arguments, fail
 
 
 def register(subparsers: Any) -> None:
@@ -18,39 +22,68 @@ def register(subparsers: Any) -> None:
     )
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="FILE", help="masks file (.safetensors)")
-    parser.add_argument("--plot", default=None, metavar="PNG", help="write a heatmap grid of the masks")
+    parser.add_argument("--plot", default=None, metavar="IMAGE",
+                        help="write a heatmap grid of the masks (.png, .pdf, .svg, ...; no extension: .png is added)")
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from reparam.cli._convert_common import prepare_output, printed_warnings
-    from reparam.convert import convert_model, load_model, save_masks, to_sgs
-    from reparam.convert.plot import plot_masks
-    from reparam.errors import ReparamError
+def _plot_path(path: str) -> tuple[str | None, str | None]:
+    """``(path to write, problem)``: a path without extension gets ``.png``; an extension
+    matplotlib cannot write is a problem, found before any work."""
+    from reparam.convert.plot import supported_formats
 
-    for path in filter(None, (args.out, args.plot)):
+    root, ext = os.path.splitext(path)
+    if not ext or os.path.isdir(path):
+        path = (os.path.join(path, "masks") if os.path.isdir(path) else root) + ".png"
+        ext = ".png"
+    formats = supported_formats()
+    if ext[1:].lower() not in formats:
+        return None, f"--plot {path}: cannot write {ext!r} images; use one of {', '.join('.' + f for f in formats)}"
+    return path, None
+
+
+def _checked_outputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    plot = None
+    if args.plot:
+        plot, problem = _plot_path(args.plot)
+        if problem:
+            return None, problem
+    from reparam.cli._convert_common import prepare_output
+
+    for path in filter(None, (args.out, plot)):
         problem = prepare_output(path)
         if problem:
-            return fail("masks", problem)
+            return None, problem
+    return plot, None
+
+
+def run(args: argparse.Namespace) -> int:
+    from reparam.cli._convert_common import printed_warnings
+    from reparam.convert import convert_model, load_model, save_masks, to_sgs
+    from reparam.convert.plot import plot_masks
+    from reparam.convert.report import mask_groups_text
+    from reparam.errors import ReparamError
+
+    plot, problem = _checked_outputs(args)
+    if problem:
+        return fail("masks", problem)
     try:
         with printed_warnings("masks"):
             model = convert_model(load_model(args.model), args.block, args.bn,
                                   include=args.include, exclude=args.exclude)
         sgs = to_sgs(model, warn=False)
-        plain, masks, constants = sgs
-        if not masks:
+        if not sgs.masks:
             return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
-        save_masks(args.out, masks, model=plain, constants=constants,
-                   metadata={"model": args.model, "block": args.block, "bn": args.bn})
+        meta = {"model": args.model, "block": args.block, "bn": args.bn}
+        if plot:
+            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} bn={args.bn}")
+        save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
     except ReparamError as err:
         return fail("masks", err)
-    for layer in sgs.report.layers:
-        status = "exact" if layer.exact else "APPROXIMATE: " + "; ".join(layer.reasons)
-        print(f"{layer.weight}: {[[round(v, 6) for v in row] for row in layer.mask]}  [{status}]")
-    if args.plot:
-        try:
-            plot_masks(masks, args.plot, title=f"{args.model} {args.block} bn={args.bn}")
-        except OSError as err:
-            return fail("masks", f"cannot write {args.plot}: {err}")
-    print(f"wrote {args.out}" + (f" and {args.plot}" if args.plot else ""))
+    except OSError as err:
+        return fail("masks", f"cannot write {plot}: {err}")
+    except KeyboardInterrupt:
+        return fail("masks", "interrupted", status=INTERRUPTED)
+    print(mask_groups_text(sgs.report))
+    print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0

@@ -24,14 +24,19 @@ from reparam.convert.maskfile import (
     save_masks,
     validate_mask_file,
 )
-from reparam.convert.model import ConvBN, SGSConversion, convert_model, fuse_model, max_output_difference, to_sgs
+from reparam.convert.model import ConvBN, convert_model, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
+from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
 
 __all__ = [
     "ConvBN",
     "ConversionReport",
+    "ConvertResult",
     "ConvertedLayer",
     "DataflowPairs",
+    "FuseReport",
+    "FuseResult",
+    "LoadedMasks",
     "MaskFile",
     "MaskFileWarning",
     "SGSConversion",

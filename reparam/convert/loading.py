@@ -13,6 +13,7 @@ from types import ModuleType
 
 from torch import nn
 
+from reparam.convert.graph import error_line
 from reparam.errors import ConversionError
 
 SPEC_HELP = (
@@ -112,6 +113,8 @@ def _callable_model(module_name: str, attr: str, spec: str) -> nn.Module:
         module = _import_with_cwd(module_name)
     except ImportError as err:
         raise ConversionError(f"model spec {spec!r}: cannot import module {module_name!r}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a module that fails while importing (SyntaxError, its own errors)
+        raise ConversionError(f"model spec {spec!r}: importing {module_name!r} failed ({error_line(err)})") from None
     target = module
     for part in attr.split("."):
         try:
@@ -122,5 +125,5 @@ def _callable_model(module_name: str, attr: str, spec: str) -> nn.Module:
         raise ConversionError(f"model spec {spec!r}: {attr!r} is not callable")
     try:
         return target()
-    except TypeError as err:
-        raise ConversionError(f"model spec {spec!r}: calling {attr}() with no arguments failed: {err}") from None
+    except Exception as err:  # noqa: BLE001 - whatever the user's factory raises is reported in one line
+        raise ConversionError(f"model spec {spec!r}: calling {attr}() with no arguments failed ({error_line(err)})") from None

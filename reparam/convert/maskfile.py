@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reparam.convert.results import LoadedMasks
 from reparam.errors import MaskFileError
 
 FORMAT = "sgs-masks"
@@ -71,8 +72,22 @@ def _checksum(tensor: Tensor) -> str:
     return digest.hexdigest()
 
 
+def _real_problem(name: str, what: str, tensor: Tensor) -> str | None:
+    if tensor.is_complex():
+        return f"{name}: complex-valued {what} ({tensor.dtype}); SGS {what}s must be real"
+    if tensor.dtype == torch.bool or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
+        return f"{name}: {what} of dtype {tensor.dtype}; use a real floating-point tensor"
+    return None
+
+
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _value_problem(name: str, mask: Tensor) -> str | None:
-    """Masks must be finite and non-negative: a negative ``G`` makes SGD ascend on that tap."""
+    """Masks must be real, finite and non-negative: a negative ``G`` makes SGD ascend on that tap."""
+    problem = _real_problem(name, "mask", mask)
+    if problem is not None:
+        return problem
     if not torch.isfinite(mask).all():
         return f"{name}: non-finite mask values"
     if mask.numel() and float(mask.min()) < 0:
@@ -83,6 +98,46 @@ def _value_problem(name: str, mask: Tensor) -> str | None:
 def _names(names: Iterable[str], limit: int = 40) -> str:
     names = list(names)
     return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _save_problems(masks: Mapping, constants: Mapping, model: nn.Module | None, params: Mapping) -> list[str]:
+    problems = [f"masks must be keyed by parameter name, got {type(n).__name__}"
+                for n in masks if not isinstance(n, str)]
+    unknown = [n for n in constants if n not in masks]
+    if unknown:
+        problems.append(f"constants given for names without a mask: {unknown}")
+    missing = [n for n in masks if model is not None and isinstance(n, str) and n not in params]
+    if missing:
+        problems.append(f"the model has no parameter named {missing}")
+    return problems
+
+
+def _encode(masks: Mapping[str, Tensor], constants: Mapping[str, Tensor], params: Mapping) -> tuple[dict, dict]:
+    """``(tensors, layers)``: the file's tensors (constants sparse) and its per-layer metadata."""
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, mask in masks.items():
+        mask = torch.as_tensor(mask).detach().cpu().contiguous().clone()
+        problem = _value_problem(name, mask)
+        if problem is not None:
+            raise MaskFileError(f"save_masks: {problem}")
+        tensors[MASK_PREFIX + name] = mask
+        constant = constants.get(name)
+        if constant is not None:
+            constant = torch.as_tensor(constant)
+            problem = _real_problem(name, "constant kernel", constant)
+            if problem is not None:
+                raise MaskFileError(f"save_masks: {problem}")
+            flat = constant.detach().cpu().reshape(-1)
+            index = flat.nonzero().reshape(-1)
+            tensors[INDEX_PREFIX + name] = index.to(torch.int64).contiguous()
+            tensors[VALUE_PREFIX + name] = flat[index].contiguous().clone()
+        layers[name] = {
+            "param_shape": list(params[name]) if name in params else None,
+            "mask_shape": list(mask.shape),
+            "constant_shape": list(constant.shape) if constant is not None else None,
+        }
+    return tensors, layers
 
 
 def save_masks(
@@ -105,40 +160,14 @@ def save_masks(
     params = _param_shapes(model)
     kernels = _kernel_shapes(params) if model is not None else None
     constants = dict(constants or {})
-    problems = [f"masks must be keyed by parameter name, got {type(n).__name__}"
-                for n in masks if not isinstance(n, str)]
-    unknown = [n for n in constants if n not in masks]
-    if unknown:
-        problems.append(f"constants given for names without a mask: {unknown}")
-    missing = [n for n in masks if model is not None and isinstance(n, str) and n not in params]
-    if missing:
-        problems.append(f"the model has no parameter named {missing}")
+    problems = _save_problems(masks, constants, model, params)
     if problems:
         raise MaskFileError("save_masks: " + "; ".join(problems))
-    tensors: dict[str, Tensor] = {}
-    layers: dict[str, dict] = {}
-    for name, mask in masks.items():
-        mask = torch.as_tensor(mask).detach().cpu().contiguous().clone()
-        problem = _value_problem(name, mask)
-        if problem is not None:
-            raise MaskFileError(f"save_masks: {problem}")
-        tensors[MASK_PREFIX + name] = mask
-        constant = constants.get(name)
-        if constant is not None:
-            constant = torch.as_tensor(constant)
-            flat = constant.detach().cpu().reshape(-1)
-            index = flat.nonzero().reshape(-1)
-            tensors[INDEX_PREFIX + name] = index.to(torch.int64).contiguous()
-            tensors[VALUE_PREFIX + name] = flat[index].contiguous().clone()
-        layers[name] = {
-            "param_shape": list(params[name]) if name in params else None,
-            "mask_shape": list(mask.shape),
-            "constant_shape": list(constant.shape) if constant is not None else None,
-        }
+    tensors, layers = _encode(masks, constants, params)
     try:
         user = json.dumps(dict(metadata or {}), sort_keys=True)
-    except TypeError as err:
-        raise MaskFileError(f"save_masks: metadata is not JSON-serializable: {err}") from None
+    except (TypeError, ValueError, RecursionError) as err:
+        raise MaskFileError(f"save_masks: metadata is not JSON-serializable: {type(err).__name__}: {err}") from None
     header = {
         "reparam.format": FORMAT,
         "reparam.schema": str(SCHEMA_VERSION),
@@ -177,6 +206,8 @@ def _json(path: str, header: dict, key: str, default: str, kind: type | tuple) -
         value = json.loads(header.get(key, default))
     except ValueError as err:
         raise MaskFileError(f"{path}: corrupted metadata {key!r}: {err}") from None
+    except RecursionError:
+        raise MaskFileError(f"{path}: corrupted metadata {key!r}: JSON nested too deeply to read") from None
     if not isinstance(value, kind):
         raise MaskFileError(
             f"{path}: corrupted metadata {key!r}: a {type(value).__name__}, not the expected JSON object"
@@ -195,23 +226,41 @@ def _rebuild_constant(path: str, name: str, shape: list[int], index: Tensor, val
     return flat.reshape(shape)
 
 
-def read_mask_file(path: str | os.PathLike) -> MaskFile:
-    """Read and check a mask file, without a model: structure, metadata, every tensor's
-    checksum, finite non-negative masks. Every failure (missing, corrupted, truncated, not a
-    mask file, unsupported schema, bit flips) is a :class:`MaskFileError` naming the problem."""
+def _foreign_format(path: str) -> str | None:
+    """What ``path`` is when its first bytes say it is not safetensors (read, never unpickled)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+    except OSError:
+        return None
+    if len(start) >= 2 and start[0] == 0x80 and 1 <= start[1] <= 5:
+        return "it looks like a Python pickle (pickle.dump / old torch.save), not a safetensors file"
+    if start.startswith(b"PK\x03\x04"):
+        return "it is a zip archive (torch.save's format), not a safetensors file"
+    return None
+
+
+def _open(path: str) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The safetensors metadata and tensors of ``path``; anything else is a :class:`MaskFileError`."""
     from safetensors import safe_open
 
-    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MaskFileError(f"{path}: no such mask file")
+    foreign = _foreign_format(path)
+    if foreign is not None:
+        raise MaskFileError(f"{path}: {foreign}; it is never unpickled - re-create the masks with save_masks")
     try:
         with safe_open(path, framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle}
-    except FileNotFoundError:
-        raise MaskFileError(f"{path}: no such mask file") from None
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
     except Exception as err:  # noqa: BLE001 - the parser's own errors are not part of our API
         raise MaskFileError(
             f"{path}: not a readable safetensors mask file (corrupted or truncated?): {type(err).__name__}: {err}"
         ) from None
+    return header, tensors
+
+
+def _schema(path: str, header: dict[str, str]) -> int:
     if header.get("reparam.format") != FORMAT:
         raise MaskFileError(f"{path}: not a reparam mask file (metadata 'reparam.format' is {header.get('reparam.format')!r})")
     try:
@@ -225,6 +274,32 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
         )
     if schema != SCHEMA_VERSION:
         raise MaskFileError(f"{path}: schema version {schema} is not supported (this reparam reads {SCHEMA_VERSION})")
+    return schema
+
+
+def _tensor_problems(layers: dict, checksums: dict, tensors: dict[str, Tensor], with_constant: list[str]) -> list[str]:
+    expected = {MASK_PREFIX + n for n in layers}
+    expected |= {prefix + n for n in with_constant for prefix in (INDEX_PREFIX, VALUE_PREFIX)}
+    problems = []
+    if set(tensors) != expected:
+        problems.append(f"tensors {sorted(set(tensors) ^ expected)} do not match the metadata layer list")
+    if set(checksums) != set(tensors):
+        problems.append(f"checksums missing or extra for tensors {sorted(set(checksums) ^ set(tensors))}")
+    problems += [
+        f"tensor {key!r}: checksum mismatch (the payload was altered or corrupted)"
+        for key, tensor in tensors.items() if key in checksums and checksums[key] != _checksum(tensor)
+    ]
+    return problems
+
+
+def read_mask_file(path: str | os.PathLike) -> MaskFile:
+    """Read and check a mask file, without a model: structure, metadata, every tensor's
+    checksum, real finite non-negative masks. Every failure (missing, corrupted, truncated,
+    not a mask file - a pickle is named as such and never unpickled -, unsupported schema, bit
+    flips, complex values, absurdly nested metadata) is a :class:`MaskFileError` naming it."""
+    path = os.fspath(path)
+    header, tensors = _open(path)
+    schema = _schema(path, header)
     layers = _json(path, header, "reparam.layers", "", dict)
     kernels = _json(path, header, "reparam.kernels", "null", (dict, type(None)))
     checksums = _json(path, header, "reparam.checksums", "", dict)
@@ -235,35 +310,23 @@ def read_mask_file(path: str | os.PathLike) -> MaskFile:
                      for n, s in kernels.items() if not (_shape(s) and len(s) == 4)]
     if problems:
         raise MaskFileError(f"{path}: corrupted metadata: " + "; ".join(problems))
-    expected = {MASK_PREFIX + n for n in layers}
     with_constant = [n for n, info in layers.items() if info.get("constant_shape") is not None]
-    expected |= {prefix + n for n in with_constant for prefix in (INDEX_PREFIX, VALUE_PREFIX)}
-    if set(tensors) != expected:
-        problems.append(f"tensors {sorted(set(tensors) ^ expected)} do not match the metadata layer list")
-    if set(checksums) != set(tensors):
-        problems.append(f"checksums missing or extra for tensors {sorted(set(checksums) ^ set(tensors))}")
-    problems += [
-        f"tensor {key!r}: checksum mismatch (the payload was altered or corrupted)"
-        for key, tensor in tensors.items() if key in checksums and checksums[key] != _checksum(tensor)
-    ]
+    problems = _tensor_problems(layers, checksums, tensors, with_constant)
     if problems:
         raise MaskFileError(f"{path}: inconsistent mask file: " + "; ".join(problems))
     masks = {n: tensors[MASK_PREFIX + n] for n in layers}
     problems = [f"{n}: mask shape {list(m.shape)} != recorded {layers[n]['mask_shape']}"
                 for n, m in masks.items() if list(m.shape) != layers[n]["mask_shape"]]
     problems += [p for p in (_value_problem(n, m) for n, m in masks.items()) if p]
+    problems += [p for p in (_real_problem(n, "constant kernel", tensors[VALUE_PREFIX + n]) for n in with_constant) if p]
     if problems:
         raise MaskFileError(f"{path}: invalid masks: " + "; ".join(problems))
     constants = {
-        n: _rebuild_constant(
-            path, n, layers[n]["constant_shape"], tensors[INDEX_PREFIX + n], tensors[VALUE_PREFIX + n]
-        )
+        n: _rebuild_constant(path, n, layers[n]["constant_shape"], tensors[INDEX_PREFIX + n], tensors[VALUE_PREFIX + n])
         for n in with_constant
     }
-    return MaskFile(
-        masks=masks, constants=constants, layers=layers, metadata=user, schema=schema,
-        kernels={n: tuple(s) for n, s in kernels.items()} if kernels is not None else None,
-    )
+    return MaskFile(masks=masks, constants=constants, layers=layers, metadata=user, schema=schema,
+                    kernels={n: tuple(s) for n, s in kernels.items()} if kernels is not None else None)
 
 
 def validate_mask_file(
@@ -318,17 +381,23 @@ def validate_mask_file(
 
 
 def load_masks(
-    path: str | os.PathLike, model: nn.Module, *, constants: bool | None = None, allow_missing: bool = False
-) -> dict[str, Tensor] | tuple[dict[str, Tensor], dict[str, Tensor]]:
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    constants: bool | None = None,
+    allow_missing: bool = False,
+    return_report: bool = False,
+) -> dict[str, Tensor] | LoadedMasks:
     """Read masks saved by :func:`save_masks`, verify their checksums and validate every name
     and shape against ``model`` (see :func:`validate_mask_file`); returns ``{parameter name:
     G}``, ready for ``attach_sgs(..., model=model)``.
 
-    - ``constants=True``: returns ``(masks, constants)``; pass the constants to
-      ``attach_sgs(constant_kernels=...)`` so weight decay pulls toward ``C`` (exact for
-      RepVGG). ``constants=None`` (default) returns only the masks and warns
-      (:class:`MaskFileWarning`) when the file holds constant kernels; ``constants=False``
-      drops them silently.
+    - ``return_report=True`` (or ``constants=True``): returns a :class:`LoadedMasks`
+      (``.masks``, ``.constants``, ``.metadata``, ``.uncovered``; unpacks as
+      ``(masks, constants)``); pass the constants to ``attach_sgs(constant_kernels=...)`` so
+      weight decay pulls toward ``C`` (exact for RepVGG). ``constants=None`` (default) with
+      masks only warns (:class:`MaskFileWarning`) when the file holds constant kernels;
+      ``constants=False`` drops them silently.
     - ``allow_missing=True``: a model with conv layers the file has no entry for (a larger
       model than the one the file was saved for) is accepted with a :class:`MaskFileWarning`
       naming the layers that get no mask, instead of a :class:`MaskFileError`.
@@ -342,8 +411,9 @@ def load_masks(
             f"no mask (allow_missing=True): {_names(uncovered)}",
             MaskFileWarning, stacklevel=2,
         )
-    if constants:
-        return content.masks, content.constants
+    if constants or return_report:
+        kept = content.constants if constants is not False else {}
+        return LoadedMasks(model, content.masks, kept, metadata=content.metadata, uncovered=uncovered)
     if constants is None and content.constants:
         warnings.warn(
             f"load_masks: {path} holds constant kernels for {len(content.constants)} layer(s) (e.g. RepVGG's identity) "

@@ -10,6 +10,7 @@ import copy
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any
 
@@ -17,8 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
-from reparam.blocks.branches import AverageBranch, ConvBranch, IdentityBranch, SequentialBranch
+from reparam.blocks.branches import ConvBranch
 from reparam.convert.graph import (
+    DataflowPairs,
     UntraceableModelWarning,
     error_line,
     find_conv_bn_pairs,
@@ -26,6 +28,7 @@ from reparam.convert.graph import (
     reads_attributes_of,
 )
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
+from reparam.convert.results import ConvertResult, FuseReport, FuseResult, SGSConversion
 from reparam.errors import ConfigError, ConversionError
 from reparam.kernels import fold_batchnorm
 
@@ -92,45 +95,13 @@ def _main_branch(block: ReparamBlock) -> ConvBranch:
     return main
 
 
-def _zero_bn_output(bn: nn.BatchNorm2d) -> None:
-    # gamma = beta = 0: the branch outputs exactly 0 in train and eval mode; gamma gets a
-    # gradient at the first step, after which the branch weights train too.
-    bn.weight.zero_()
-    bn.bias.zero_()
-
-
-def _silence(branch: nn.Module, name: str) -> None:
-    """Make a side branch output 0 while keeping all its parameters trainable."""
-    if isinstance(branch, ConvBranch):
-        if branch.bn is not None:
-            _zero_bn_output(branch.bn)
-        else:
-            branch.weight.zero_()  # linear branch: a zero kernel still gets the full gradient
-    elif isinstance(branch, IdentityBranch):
-        if branch.bn is not None:
-            _zero_bn_output(branch.bn)
-        # without BN the identity is the constant kernel C, compensated in the main branch
-    elif isinstance(branch, SequentialBranch):
-        if branch.second_bn is not None:
-            _zero_bn_output(branch.second_bn)
-        else:
-            branch.second.zero_()  # 1x1 stays the identity, so the KxK still gets a gradient
-    elif isinstance(branch, AverageBranch):
-        if branch.second_bn is not None:
-            _zero_bn_output(branch.second_bn)
-        else:
-            branch.first.zero_()
-    else:
-        raise ConversionError(f"convert: do not know how to silence branch {name!r} ({type(branch).__name__})")
-
-
 def _load_bn(target: nn.BatchNorm2d, source: nn.BatchNorm2d, shift: Tensor) -> None:
     """``target(y) == source(y + shift)`` in eval mode (absorbs the conv bias ``shift``)."""
     target.weight.copy_(source.weight)
     target.bias.copy_(source.bias)
     target.running_mean.copy_(source.running_mean - shift.to(source.running_mean.dtype))
     target.running_var.copy_(source.running_var)
-    if source.num_batches_tracked is not None and target.num_batches_tracked is not None:
+    if getattr(source, "num_batches_tracked", None) is not None and target.num_batches_tracked is not None:
         target.num_batches_tracked.copy_(source.num_batches_tracked)
 
 
@@ -143,9 +114,9 @@ def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
     if not preserve:
         return
     main = _main_branch(block)
-    for name, branch in block.branches.items():
+    for branch in block.branches.values():
         if branch is not main:
-            _silence(branch, name)
+            branch.silence()
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(weight[:, 0, 0, 0])
     constant = block.constant_kernel().to(weight.dtype)
@@ -161,6 +132,48 @@ def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
             weight, bias = folded_w.to(weight.dtype), folded_b.to(weight.dtype)
         main.weight.copy_(weight - constant)
         block.bias.copy_(bias)
+
+
+# -- what the user set: requires_grad per parameter, train/eval per module -------------------
+def _trains(param: nn.Parameter | None) -> bool:
+    return param is not None and param.requires_grad
+
+
+def _bn_modules(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _kernel_parameters(block: ReparamBlock) -> list[nn.Parameter]:
+    """The branch parameters outside BatchNorms: what the merged kernel is trained through."""
+    in_bn = {id(p) for bn in _bn_modules(block) for p in bn.parameters()}
+    return [p for p in block.branches.parameters() if id(p) not in in_bn]
+
+
+def _copy_bn_flags(target: nn.Module, source: nn.Module, trains: bool = True) -> None:
+    """``target`` takes ``source``'s train/eval mode and affine ``requires_grad`` (and'ed with ``trains``)."""
+    target.train(source.training)
+    for pname in ("weight", "bias"):
+        param = getattr(target, pname, None)
+        if isinstance(param, nn.Parameter):
+            param.requires_grad_(trains and _trains(getattr(source, pname, None)))
+
+
+def _carry_flags(block: ReparamBlock, conv: nn.Conv2d, bn: nn.Module | None) -> None:
+    """The block trains what the conv (+ absorbed BN) trained, in the modes they were in:
+    kernel parameters follow ``conv.weight``; the bias follows the conv bias or BN shift (frozen
+    at 0 for a bias-free conv that absorbed no BN, so it stays bias-free); the BN taking the
+    absorbed BN's place copies its flags, the side-branch BNs too (and are frozen with a frozen conv)."""
+    block.train(conv.training)
+    kernel_trains = conv.weight.requires_grad
+    for param in _kernel_parameters(block):
+        param.requires_grad_(kernel_trains)
+    if block.bias is not None:
+        block.bias.requires_grad_(_trains(conv.bias) or (bn is not None and _trains(getattr(bn, "bias", None))))
+    if bn is None:
+        return
+    owner = block.post_bn if block.post_bn is not None else (_main_branch(block).bn if block.bn == "branch" else None)
+    for module in _bn_modules(block):
+        _copy_bn_flags(module, bn, trains=module is owner or kernel_trains)
 
 
 # -- convert ---------------------------------------------------------------------------------
@@ -179,7 +192,7 @@ def _run_example(model: nn.Module, args: tuple, what: str, watch: bool) -> tuple
         if watch:
             used, output = parameters_used_outside(model, args)
             return output, used
-        return _eval_output(model, *args), set()
+        return eval_output(model, *args), set()
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
         raise ConversionError(
             f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({error_line(err)})"
@@ -206,6 +219,100 @@ def _untraceable_warning(model: nn.Module, error: str | None, bn: str, checked: 
     )
 
 
+DIRECT_READ = "the forward reads"  # how a skip reason for a directly read conv parameter starts
+
+
+@dataclass
+class ConvertJob:
+    """One :func:`convert_model` call: the model being converted and what was asked."""
+
+    target: nn.Module
+    dataflow: DataflowPairs
+    names: dict[int, list[str]]
+    block: str
+    bn: str
+    include: list[str]
+    exclude: list[str]
+    preserve: bool
+
+    @classmethod
+    def start(cls, target: nn.Module, block: str, bn: str, include: str | Sequence[str] | None,
+              exclude: str | Sequence[str] | None, preserve: bool) -> ConvertJob:
+        """Check the arguments and trace ``target``'s dataflow."""
+        if block not in BLOCKS:
+            raise ConfigError(f"convert_model: block={block!r} is not supported; choose one of {sorted(BLOCKS)}")
+        if bn not in BN_PLACEMENTS:
+            raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
+        return cls(target, find_conv_bn_pairs(target), _names_by_module(target), block, bn,
+                   _patterns(include), _patterns(exclude), preserve)
+
+
+@dataclass
+class LayerSwap:
+    """A planned replacement: ``conv`` (every name it has) by ``block``, and the absorbed
+    BatchNorm ``bn`` (every name it has) by ``nn.Identity``."""
+
+    name: str
+    conv: nn.Module
+    block: nn.Module
+    bn: nn.Module | None
+
+
+def _bn_note(job: ConvertJob, name: str, absorbed: bool, placement: str) -> str:
+    if absorbed:
+        return ""
+    if not job.dataflow.traced:
+        return "no BatchNorm absorbed (model not traceable): bn='none' block"
+    why = job.dataflow.why_not.get(name, "the conv is not called in the traced forward")
+    return f"no BatchNorm absorbed ({why})" + (": bn='none' block" if placement != job.bn else "")
+
+
+def _layer_row(job: ConvertJob, name: str, new: ReparamBlock, bn_name: str | None, note: str) -> ConvertedLayer:
+    g = new.geometry
+    bn_names = tuple(job.names[id(job.target.get_submodule(bn_name))]) if bn_name else ()
+    return ConvertedLayer(
+        name=name, block=type(new).__name__, bn=new.bn, absorbed_bn=bn_name, absorbed_bn_names=bn_names,
+        in_channels=g.in_channels, out_channels=g.out_channels, kernel_size=g.kernel_size, stride=g.stride,
+        padding=g.padding, dilation=g.dilation, groups=g.groups, branches=tuple(new.branches.keys()), note=note,
+    )
+
+
+def convert_layer(job: ConvertJob, name: str, conv: nn.Conv2d) -> tuple[ConvertedLayer, LayerSwap] | SkippedLayer:
+    """Decide one conv: why it is skipped, or the block (initialized, flags carried over) that
+    replaces it with the report row. Changes nothing in ``job.target``."""
+    reason = _skip_reason(name, conv, job.include, job.exclude)
+    direct = reads_attributes_of(job.dataflow, name) if reason is None else []
+    if direct:
+        reason = f"{DIRECT_READ} {', '.join(direct)} directly; a block has no such attribute"
+    if reason is not None:
+        return SkippedLayer(name, reason)
+    bn_name = job.dataflow.pairs.get(name)
+    bn_module = job.target.get_submodule(bn_name) if bn_name else None
+    placement = job.bn if bn_module is not None else "none"
+    try:
+        new = BLOCKS[job.block](
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _conv_padding(conv),
+            conv.dilation, conv.groups, bn=placement,
+        )
+    except ConfigError as err:
+        return SkippedLayer(name, str(err))
+    new.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    _initialize(new, conv, bn_module, job.preserve)
+    _carry_flags(new, conv, bn_module)
+    row = _layer_row(job, name, new, bn_name, _bn_note(job, name, bn_module is not None, placement))
+    return row, LayerSwap(name, conv, new, bn_module)
+
+
+def swap_layers(target: nn.Module, names: dict[int, list[str]], swaps: Iterable[LayerSwap]) -> None:
+    """Put every planned block at every name of its conv, ``nn.Identity`` at every name of the absorbed BN."""
+    for swap in swaps:
+        for alias in names[id(swap.conv)]:
+            _set_module(target, alias, swap.block)
+        if swap.bn is not None:
+            for alias in names[id(swap.bn)]:
+                _set_module(target, alias, nn.Identity())
+
+
 def convert_model(
     model: nn.Module,
     block: str = "acb",
@@ -217,116 +324,55 @@ def convert_model(
     example_input: Tensor | tuple | None = None,
     inplace: bool = False,
     return_report: bool = False,
-) -> nn.Module | tuple[nn.Module, ConversionReport]:
-    """Replace every eligible ``nn.Conv2d`` (and the BatchNorm that solely consumes it) by a
-    reparameterization block with the same in/out channels, kernel, stride, padding,
-    dilation and groups.
+) -> nn.Module | ConvertResult:
+    """Replace every eligible ``nn.Conv2d`` (and the BatchNorm that solely consumes it, found in
+    the torch.fx dataflow: :func:`find_conv_bn_pairs`) by a ``block`` (``"acb"``, ``"repvgg"``,
+    ``"dbb"``) with the same geometry and BN placement ``bn`` (``"branch"``, ``"after"``, ``"none"``);
+    the absorbed BatchNorm's slot becomes ``nn.Identity``. docs/convert.md has the details.
 
-    - ``block``: ``"acb"``, ``"repvgg"`` or ``"dbb"``; ``bn``: ``"branch"``, ``"after"``, ``"none"``.
-    - conv -> BN pairs come from the traced dataflow (:func:`find_conv_bn_pairs`). The absorbed
-      BatchNorm is replaced by ``nn.Identity`` in the model. A model torch.fx cannot trace is
-      still converted, but no BatchNorm is absorbed (the report says so).
-    - A conv with no absorbed BatchNorm becomes a ``bn="none"`` block (its bias carries the conv
-      bias) whatever ``bn`` asks: adding a BatchNorm the original did not have would change
-      training. The report records the placement used per layer.
-    - ``preserve=True``: the converted model computes the original function in eval mode. The
-      main KxK branch gets the conv weight (minus RepVGG's constant identity kernel where that
-      has no BN); with ``bn="branch"`` the main branch's BN gets the original BN (its running
-      mean shifted by the conv bias) and every other branch's BN gets gamma = beta = 0 (exact 0
-      output in train and eval; gamma is trained from the first step, then the branch weights);
-      without BN inside the branches, side branches get zero kernels (DBB: the 1x1 of the
-      1x1->KxK branch stays the identity and the KxK is 0, the 1x1 of the average branch is 0).
-      ``bn="after"`` moves the original BN to ``post_bn``; ``bn="none"`` folds it into the
-      kernel and bias. ``preserve=False``: the blocks' fresh initialization (BNs at defaults).
-      Either way block BNs take the original BN's ``eps`` and ``momentum``.
-    - ``include``/``exclude``: fnmatch patterns on qualified module names (``"layer1.*"``).
-    - Skipped (with the reason in the report): 1x1 and even kernels, non-"zeros"
-      padding_mode, subclasses of nn.Conv2d, name filters, geometries a block rejects, convs
-      whose parameters the forward reads directly (``self.conv.weight``): seen in the traced
-      graph, or, for a model torch.fx cannot trace, by running ``example_input``.
-    - A model torch.fx cannot trace raises an :class:`UntraceableModelWarning` saying why and
-      what the fallback did.
-    - ``example_input`` (a tensor, or a tuple of forward arguments): the model is run on it
-      in eval mode before and after the conversion; a forward that fails raises
-      :class:`ConversionError`, and ``report.max_abs_diff`` records
-      ``max |converted - original|`` on it.
-    - A frozen conv (``weight.requires_grad=False``) gives a frozen block.
+    - A conv with no absorbed BatchNorm becomes a ``bn="none"`` block (adding a BatchNorm would
+      change training); the report records the placement used per layer and why.
+    - ``preserve=True``: the same function in eval mode (main branch = the conv, every other
+      branch outputs exactly 0 via ``Branch.silence`` yet trains); ``preserve=False``: fresh blocks.
+    - What the user set survives (:func:`_carry_flags`): ``requires_grad`` per parameter and
+      train/eval mode per module, a bias-free conv stays bias-free (block bias frozen at 0).
+    - Skipped with the reason: 1x1/even kernels, non-"zeros" padding, ``nn.Conv2d`` subclasses,
+      ``include``/``exclude`` fnmatch patterns, geometries a block rejects, convs whose parameters
+      the forward reads directly. An untraceable model absorbs no BN (:class:`UntraceableModelWarning`).
+    - ``example_input``: run before and after in eval mode; ``report.max_abs_diff`` records
+      ``max |converted - original|``; a failing forward raises :class:`ConversionError`.
 
     Works on a deep copy unless ``inplace=True``. The :class:`ConversionReport` is attached as
-    ``model.reparam_report``; ``return_report=True`` returns ``(model, report)``.
+    ``model.reparam_report``; ``return_report=True`` returns a :class:`ConvertResult`
+    (``.model``, ``.report``; unpacks as ``(model, report)``).
     """
-    if block not in BLOCKS:
-        raise ConfigError(f"convert_model: block={block!r} is not supported; choose one of {sorted(BLOCKS)}")
-    if bn not in BN_PLACEMENTS:
-        raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
-    include_, exclude_ = _patterns(include), _patterns(exclude)
     target = model if inplace else copy.deepcopy(model)
-    dataflow = find_conv_bn_pairs(target)
+    job = ConvertJob.start(target, block, bn, include, exclude, preserve)
     args = _as_args(example_input) if example_input is not None else None
     if args is not None:
-        reference, used = _run_example(target, args, "the model", watch=not dataflow.traced)
-        dataflow.attributes |= used
-    report = ConversionReport(block=block, bn=bn, preserve=preserve, traced=dataflow.traced, trace_error=dataflow.error)
-    names = _names_by_module(target)
-    block_cls = BLOCKS[block]
-    plan = []
-    direct_reads: list[str] = []
+        reference, used = _run_example(target, args, "the model", watch=not job.dataflow.traced)
+        job.dataflow.attributes |= used
+    report = ConversionReport(block=block, bn=bn, preserve=preserve, traced=job.dataflow.traced,
+                              trace_error=job.dataflow.error)
+    swaps = []
     for name, conv in target.named_modules():
-        if not isinstance(conv, nn.Conv2d):
-            continue
-        reason = _skip_reason(name, conv, include_, exclude_)
-        direct = reads_attributes_of(dataflow, name) if reason is None else []
-        if direct:
-            reason = f"the forward reads {', '.join(direct)} directly; a block has no such attribute"
-            direct_reads.append(name)
-        if reason is not None:
-            report.skipped.append(SkippedLayer(name, reason))
-            continue
-        bn_name = dataflow.pairs.get(name)
-        bn_module = target.get_submodule(bn_name) if bn_name else None
-        placement = bn if bn_module is not None else "none"
-        try:
-            new = block_cls(
-                conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _conv_padding(conv),
-                conv.dilation, conv.groups, bn=placement,
-            )
-        except ConfigError as err:
-            report.skipped.append(SkippedLayer(name, str(err)))
-            continue
-        new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        _initialize(new, conv, bn_module, preserve)
-        new.train(conv.training)
-        if not conv.weight.requires_grad:
-            new.requires_grad_(False)
-        if bn_module is not None:
-            note = ""
-        elif not dataflow.traced:
-            note = "no BatchNorm absorbed (model not traceable): bn='none' block"
-        else:
-            why = dataflow.why_not.get(name, "the conv is not called in the traced forward")
-            note = f"no BatchNorm absorbed ({why})" + (": bn='none' block" if placement != bn else "")
-        plan.append((name, conv, new, bn_name, bn_module))
-        g = new.geometry
-        report.converted.append(ConvertedLayer(
-            name=name, block=type(new).__name__, bn=placement, absorbed_bn=bn_name,
-            absorbed_bn_names=tuple(names[id(bn_module)]) if bn_module is not None else (),
-            in_channels=g.in_channels, out_channels=g.out_channels, kernel_size=g.kernel_size, stride=g.stride,
-            padding=g.padding, dilation=g.dilation, groups=g.groups, branches=tuple(new.branches.keys()), note=note,
-        ))
-    for _name, conv, new, _bn_name, bn_module in plan:
-        for alias in names[id(conv)]:
-            _set_module(target, alias, new)
-        if bn_module is not None:
-            for alias in names[id(bn_module)]:
-                _set_module(target, alias, nn.Identity())
-    if not dataflow.traced:
-        warnings.warn(_untraceable_warning(target, dataflow.error, bn, args is not None, direct_reads),
+        if isinstance(conv, nn.Conv2d):
+            outcome = convert_layer(job, name, conv)
+            if isinstance(outcome, SkippedLayer):
+                report.skipped.append(outcome)
+            else:
+                report.converted.append(outcome[0])
+                swaps.append(outcome[1])
+    swap_layers(target, job.names, swaps)
+    if not job.dataflow.traced:
+        direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
+        warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
                       UntraceableModelWarning, stacklevel=2)
     if args is not None:
         output, _ = _run_example(target, args, "the converted model", watch=False)
         report.max_abs_diff = max_output_difference(reference, output)
     target.reparam_report = report
-    return (target, report) if return_report else target
+    return ConvertResult(target, report) if return_report else target
 
 
 # -- fuse ------------------------------------------------------------------------------------
@@ -346,37 +392,60 @@ def max_output_difference(a: Any, b: Any) -> float:
 
 
 @torch.no_grad()
-def _eval_output(model: nn.Module, *args: Any) -> Any:
-    was_training = model.training
+def eval_output(model: nn.Module, *args: Any) -> Any:
+    """``model(*args)`` in eval mode; every module's own train/eval flag is restored after."""
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         return model(*args)
     finally:
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def fuse_block(block: ReparamBlock) -> nn.Conv2d:
+    """``block.fuse()`` with the block's flags and mode: the weight trains iff a kernel parameter
+    does (a frozen conv gives a frozen conv), the bias iff any parameter does."""
+    fused = block.fuse()
+    fused.train(block.training)
+    fused.weight.requires_grad_(any(p.requires_grad for p in _kernel_parameters(block)))
+    fused.bias.requires_grad_(any(p.requires_grad for p in block.parameters()))
+    return fused
 
 
 def fuse_model(
-    model: nn.Module, probe: Tensor | None = None, *, inplace: bool = False
-) -> nn.Module | tuple[nn.Module, float]:
+    model: nn.Module, probe: Tensor | None = None, *, inplace: bool = False, return_report: bool = False
+) -> nn.Module | FuseResult | tuple[nn.Module, float]:
     """Replace every :class:`ReparamBlock` by its ``fuse()`` conv (the deploy form).
 
     The fused conv equals the block's **eval-mode** output (running BN statistics); a model
     in training mode computes something else until ``.eval()``. Works on a deep copy unless
-    ``inplace=True``; the returned model keeps the input's train/eval flag. With ``probe``
-    (an input batch) returns ``(fused_model, max |fused(probe) - branched(probe)|)``, both
-    evaluated in eval mode.
+    ``inplace=True``; every module keeps its train/eval flag and a frozen block gives a frozen
+    conv (:func:`fuse_block`). ``return_report=True`` returns a :class:`FuseResult` (``.model``,
+    ``.report.fused``, ``.report.max_abs_diff``: with ``probe``, an input batch,
+    ``max |fused(probe) - branched(probe)|`` in eval mode; unpacks as ``(model, max_abs_diff)``).
+    The older ``fuse_model(model, probe)`` without ``return_report`` still returns
+    ``(model, max_abs_diff)`` with a ``DeprecationWarning``.
     """
     target = model if inplace else copy.deepcopy(model)
-    reference = _eval_output(target, probe) if probe is not None else None
+    reference = eval_output(target, probe) if probe is not None else None
     names = _names_by_module(target)
-    for _, block in _blocks(target):
-        fused = block.fuse()
-        fused.train(block.training)
+    report = FuseReport()
+    for name, block in _blocks(target):
+        fused = fuse_block(block)
         for alias in names[id(block)]:
             _set_module(target, alias, fused)
-    if probe is None:
-        return target
-    return target, max_output_difference(reference, _eval_output(target, probe))
+        report.fused.append(name)
+    if probe is not None:
+        report.max_abs_diff = max_output_difference(reference, eval_output(target, probe))
+    if return_report:
+        return FuseResult(target, report)
+    if probe is not None:
+        warnings.warn("fuse_model(model, probe) returning (model, diff) is deprecated: pass return_report=True "
+                      "(the result unpacks the same way; the difference is .report.max_abs_diff)",
+                      DeprecationWarning, stacklevel=2)
+        return target, report.max_abs_diff
+    return target
 
 
 # -- SGS -------------------------------------------------------------------------------------
@@ -388,21 +457,6 @@ class ConvBN(nn.Sequential):
         super().__init__()
         self.conv = conv
         self.bn = bn
-
-
-class SGSConversion(tuple):
-    """``(plain_model, masks, constants)`` with the :class:`SGSReport` as ``.report``."""
-
-    report: SGSReport
-
-    def __new__(cls, model: nn.Module, masks: dict, constants: dict, report: SGSReport) -> SGSConversion:
-        self = super().__new__(cls, (model, masks, constants))
-        self.report = report
-        return self
-
-    model = property(lambda self: self[0])
-    masks = property(lambda self: self[1])
-    constants = property(lambda self: self[2])
 
 
 def _bn_slots(model: nn.Module, row: ConvertedLayer | None) -> tuple[str, ...]:
@@ -420,13 +474,64 @@ def _bn_slots(model: nn.Module, row: ConvertedLayer | None) -> tuple[str, ...]:
     return tuple(slots)
 
 
+def _block_bn(block: ReparamBlock) -> nn.Module | None:
+    """The BN whose flags the plain form's BN takes: ``post_bn``, or the main branch's."""
+    if block.post_bn is not None:
+        return block.post_bn
+    return _main_branch(block).bn if block.bn == "branch" else None
+
+
+@torch.no_grad()
+def plain_counterpart(block: ReparamBlock) -> tuple[nn.Conv2d, nn.Module | None]:
+    """``block.sgs_counterpart()`` as ``(conv, bn or None)`` with the block's flags: the conv
+    weight trains iff a kernel parameter does, a bias frozen at 0 is dropped (a bias-free conv
+    stays bias-free), the BN takes the block BN's mode and ``requires_grad``."""
+    counterpart = block.sgs_counterpart()
+    conv, bn = (counterpart[0], counterpart[1]) if isinstance(counterpart, nn.Sequential) else (counterpart, None)
+    conv.train(block.training)
+    conv.weight.requires_grad_(any(p.requires_grad for p in _kernel_parameters(block)))
+    if conv.bias is not None and block.bias is not None:
+        if not block.bias.requires_grad and not bool(conv.bias.any()):
+            conv.bias = None
+        else:
+            conv.bias.requires_grad_(block.bias.requires_grad)
+    source = _block_bn(block)
+    if bn is not None and source is not None:
+        _copy_bn_flags(bn, source)
+    return conv, bn
+
+
+def _place_counterpart(target: nn.Module, name: str, aliases: list[str], block: ReparamBlock,
+                       row: ConvertedLayer | None) -> tuple[str, nn.Conv2d]:
+    """Put the plain form of ``block`` in ``target``; return its weight name and conv. The BN
+    goes back to the absorbed BN's slots when they are intact, else a :class:`ConvBN` wraps it."""
+    conv, bn = plain_counterpart(block)
+    slots = _bn_slots(target, row) if bn is not None else ()
+    placed: nn.Module = conv if bn is None or slots else ConvBN(conv, bn)
+    if isinstance(placed, ConvBN):
+        placed.training = block.training
+    for alias in aliases:
+        _set_module(target, alias, placed)
+    for slot in slots:
+        _set_module(target, slot, bn)
+    return (f"{name}.conv.weight" if isinstance(placed, ConvBN) else f"{name}.weight"), conv
+
+
+def _sgs_warning(report: SGSReport) -> str:
+    first = report.approximate[0]
+    return (f"to_sgs: {len(report.approximate)} of {len(report.layers)} layers are only approximately equivalent "
+            f"under SGS (e.g. {first.weight}: {first.reasons[0]}); see the returned .report")
+
+
 def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGSConversion:
     """Replace every block by the plain layer SGS trains instead, initialized to the merged
-    kernel, and return ``(plain_model, masks, constants)`` (+ ``.report``).
+    kernel; return an :class:`SGSConversion` (``.model``, ``.masks``, ``.constants``,
+    ``.report``; unpacks as ``(plain_model, masks, constants)``).
 
-    - ``bn="none"`` blocks become one ``nn.Conv2d`` with bias. ``bn="after"`` blocks become a
-      conv without bias followed by a copy of the post-sum BN; ``bn="branch"`` blocks become
-      a conv plus a BatchNorm whose eval output equals the block's (see
+    - ``bn="none"`` blocks become one ``nn.Conv2d`` with bias (without one when the block bias
+      is frozen at 0, as :func:`convert_model` leaves it for a bias-free conv). ``bn="after"``
+      blocks become a conv without bias followed by a copy of the post-sum BN; ``bn="branch"``
+      blocks become a conv plus a BatchNorm whose eval output equals the block's (see
       ``ReparamBlock.sgs_counterpart``). When the block came from :func:`convert_model`, the
       conv takes every name of the block and the BN goes back to every name the absorbed
       BatchNorm had (aliases such as ``self.norm = self.bn`` included), so the plain model has
@@ -434,6 +539,8 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
       ``layer1.0.bn1.weight``); otherwise (no conversion report, or a BN slot that is no
       longer the ``nn.Identity`` convert_model left) the block becomes a :class:`ConvBN`
       (weight ``<block>.conv.weight``) at every name.
+    - Flags survive (:func:`plain_counterpart`): a frozen block gives a frozen conv, which gets
+      **no** mask (``report`` lists it as frozen); BNs keep their train/eval mode.
     - ``masks`` maps each trained conv's weight name to ``G = block.sgs_mask()`` (kh, kw);
       ``constants`` maps it to the block's constant kernel ``C`` where ``C != 0`` (RepVGG's
       BN-free identity). Both feed ``attach_sgs(opt, masks, constant_kernels=constants,
@@ -449,51 +556,23 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
     target = model if inplace else copy.deepcopy(model)
     conversion = getattr(target, "reparam_report", None)
     names = _names_by_module(target)
-    report = SGSReport()
-    masks: dict[str, Tensor] = {}
-    constants: dict[str, Tensor] = {}
+    result = SGSConversion(target, SGSReport())
     for name, block in _blocks(target):
         exact, reasons = block.sgs_exactness()
-        mask = block.sgs_mask(approximate=not exact).to(block._reference().dtype)
         constant = block.constant_kernel()
-        counterpart = block.sgs_counterpart()
-        counterpart.train(block.training)
-        weight_name = f"{name}.weight"
-        aliases = names[id(block)]
-        if isinstance(counterpart, nn.Sequential):
-            conv, bn = counterpart[0], counterpart[1]
-            row = conversion.layer(name) if isinstance(conversion, ConversionReport) else None
-            slots = _bn_slots(target, row)
-            if slots:
-                for alias in aliases:
-                    _set_module(target, alias, conv)
-                for slot in slots:
-                    _set_module(target, slot, bn)
-                bn.train(block.training)
-                conv.train(block.training)
-            else:
-                wrapped = ConvBN(conv, bn)
-                wrapped.train(block.training)
-                for alias in aliases:
-                    _set_module(target, alias, wrapped)
-                weight_name = f"{name}.conv.weight"
-        else:
-            for alias in aliases:
-                _set_module(target, alias, counterpart)
-        masks[weight_name] = mask
+        mask = block.sgs_mask(approximate=not exact).to(constant.dtype)
+        row = conversion.layer(name) if isinstance(conversion, ConversionReport) else None
+        weight_name, conv = _place_counterpart(target, name, names[id(block)], block, row)
+        trains = conv.weight.requires_grad
         has_constant = bool(constant.abs().sum() > 0)
-        if has_constant:
-            constants[weight_name] = constant
-        report.layers.append(SGSLayer(
+        if trains:
+            result.masks[weight_name] = mask
+            if has_constant:
+                result.constants[weight_name] = constant
+        result.report.layers.append(SGSLayer(
             block_name=name, weight=weight_name, block=type(block).__name__, bn=block.bn,
-            mask=mask.double().tolist(), exact=exact, reasons=reasons, has_constant=has_constant,
+            mask=mask.double().tolist(), exact=exact, reasons=reasons, has_constant=has_constant, frozen=not trains,
         ))
-    if warn and report.approximate:
-        warnings.warn(
-            f"to_sgs: {len(report.approximate)} of {len(report.layers)} layers are only approximately equivalent "
-            f"under SGS (e.g. {report.approximate[0].weight}: {report.approximate[0].reasons[0]}); "
-            "see the returned .report",
-            NotEquivalentWarning,
-            stacklevel=2,
-        )
-    return SGSConversion(target, masks, constants, report)
+    if warn and result.report.approximate:
+        warnings.warn(_sgs_warning(result.report), NotEquivalentWarning, stacklevel=2)
+    return result

@@ -105,6 +105,15 @@ class SGSLayer:
     exact: bool
     reasons: list[str] = field(default_factory=list)
     has_constant: bool = False
+    frozen: bool = False  # the conv weight does not train: no mask (nothing for SGS to scale)
+
+
+def _sgs_status(layer: SGSLayer) -> str:
+    return "frozen" if layer.frozen else ("exact" if layer.exact else "approximate")
+
+
+def _sgs_why(layer: SGSLayer) -> str:
+    return "no mask: the weight does not train" if layer.frozen else "; ".join(layer.reasons)
 
 
 @dataclass
@@ -116,7 +125,11 @@ class SGSReport:
 
     @property
     def approximate(self) -> list[SGSLayer]:
-        return [layer for layer in self.layers if not layer.exact]
+        return [layer for layer in self.layers if not layer.exact and not layer.frozen]
+
+    @property
+    def frozen(self) -> list[SGSLayer]:
+        return [layer for layer in self.layers if layer.frozen]
 
     @property
     def weights(self) -> dict[str, str]:
@@ -126,9 +139,74 @@ class SGSReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def rows(self) -> list[dict]:
+        """One flat dict per layer, e.g. for ``pandas.DataFrame``."""
+        return [{"weight": l.weight, "block": l.block, "bn": l.bn, "sgs": _sgs_status(l), "why": _sgs_why(l)}
+                for l in self.layers]
+
     def __str__(self) -> str:
         rows = [
-            [l.weight, l.block, l.bn, "exact" if l.exact else "APPROXIMATE", "; ".join(l.reasons)] for l in self.layers
+            [l.weight, l.block, l.bn, _sgs_status(l).upper() if _sgs_status(l) == "approximate" else _sgs_status(l),
+             _sgs_why(l)] for l in self.layers
         ]
         head = f"to_sgs: {len(self.layers)} layers, {len(self.approximate)} approximate"
         return head + ("\n\n" + _table(["weight", "block", "bn", "sgs", "why"], rows) if rows else "")
+
+
+@dataclass
+class MaskGroup:
+    """Layers that share one mask and one SGS status (and reason)."""
+
+    mask: list[list[float]]
+    status: str  # "exact" | "approximate" | "frozen" | "" (unknown)
+    why: str
+    weights: list[str] = field(default_factory=list)
+
+
+def group_masks(items: list[tuple[str, list[list[float]], str, str]]) -> list[MaskGroup]:
+    """Group ``(weight, mask, status, why)`` rows with equal mask, status and reason, in first-seen order."""
+    groups: dict[tuple, MaskGroup] = {}
+    for weight, mask, status, why in items:
+        key = (tuple(tuple(round(v, 9) for v in row) for row in mask), status, why)
+        groups.setdefault(key, MaskGroup(mask, status, why)).weights.append(weight)
+    return list(groups.values())
+
+
+def sgs_mask_groups(report: SGSReport) -> list[MaskGroup]:
+    return group_masks([(l.weight, l.mask, _sgs_status(l), _sgs_why(l)) for l in report.layers])
+
+
+def names_line(names: list[str], width: int) -> str:
+    """``a, b, c, … +N more`` within ``width`` characters."""
+    shown: list[str] = []
+    for i, name in enumerate(names):
+        rest = len(names) - i - 1
+        tail = f", … +{rest} more" if rest else ""
+        if len(", ".join([*shown, name]) + tail) > width and shown:
+            return ", ".join(shown) + f", … +{len(names) - len(shown)} more"
+        shown.append(name)
+    return ", ".join(shown)
+
+
+def _mask_rows(mask: list[list[float]], indent: str) -> list[str]:
+    cells = [[f"{v:g}" for v in row] for row in mask]
+    width = max((len(c) for row in cells for c in row), default=1)
+    return [indent + " ".join(c.rjust(width) for c in row) for row in cells]
+
+
+def mask_groups_text(report: SGSReport, width: int = 100) -> str:
+    """The masks of ``report`` grouped (identical mask, status and reason printed once), each
+    line at most ``width`` characters."""
+    import textwrap
+
+    groups = sgs_mask_groups(report)
+    lines = [f"{len(report.layers)} layers, {len(groups)} distinct mask(s) "
+             "(G = sum of the branch masks; exact: SGS with G trains like the block)"]
+    for index, group in enumerate(groups, 1):
+        head = f"[{index}] {group.status}, {len(group.weights)} layer(s): "
+        lines.append(head + names_line(group.weights, width - len(head)))
+        if group.status != "frozen":
+            lines += _mask_rows(group.mask, "      ")
+        if group.why:
+            lines += textwrap.wrap(group.why, width, initial_indent="    why: ", subsequent_indent="         ")
+    return "\n".join(lines)
