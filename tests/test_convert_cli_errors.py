@@ -152,3 +152,17 @@ def test_complex_masks_and_constants_and_deep_metadata_are_mask_file_errors(tmp_
     save_file(real, path, metadata={**header, "reparam.metadata": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(MaskFileError, match="nested too deeply"):
         read_mask_file(path)
+
+
+def test_heatmap_groups_identical_masks_at_85_layers(tmp_path):
+    from PIL import Image
+
+    from reparam.convert.plot import plot_masks
+
+    acb = torch.tensor([[1.0, 2, 1], [2, 3, 2], [1, 2, 1]])
+    masks = {f"stage{i // 10}.block{i % 10}.conv.weight": acb for i in range(84)}
+    masks["stem.weight"] = torch.ones(7, 7) + torch.eye(7)
+    groups = plot_masks(masks, tmp_path / "grid.png", title="85 layers")
+    assert [len(g.weights) for g in groups] == [84, 1]
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert height < 800 and width < 1400  # two panels and a legend, not 85 panels
