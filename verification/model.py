@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from reparam.adapters import find_blocks, recognise, to_sgs_foreign
 from reparam.blocks import ReparamBlock
 from reparam.convert import convert_model, find_conv_bn_pairs, load_model, to_sgs
 from reparam.errors import ConfigError
@@ -112,15 +113,12 @@ def block_tensors(block: nn.Module) -> list[Tensor]:
     return [weight, *extra]
 
 
-@dataclass
 class PlainLayer:
-    """Where one branched layer lives in the plain SGS model: its conv and the BN after it."""
+    """A converted layer in the plain SGS model: its conv and the BN after it (``bn_style`` the
+    block's placement); ``tensors()`` pairs with :func:`block_tensors`."""
 
-    block_name: str
-    weight_name: str
-    bn_style: str
-    conv: nn.Conv2d
-    bn: nn.Module | None
+    def __init__(self, bn_style: str, conv: nn.Conv2d, bn: nn.Module | None) -> None:
+        self.bn_style, self.conv, self.bn = bn_style, conv, bn
 
     def tensors(self) -> list[Tensor]:
         if self.bn_style == "branch" and self.bn is not None:
@@ -132,15 +130,78 @@ class PlainLayer:
         return [self.conv.weight, *extra]
 
 
-def _plain_layers(plain: nn.Module, report) -> list[PlainLayer]:
+View = Callable[[], list[Tensor]]
+
+
+@dataclass
+class LayerPair:
+    """One converted layer on both sides: ``branched(model)`` reads it from a model with the
+    branched structure (the branched side or its rounding twin), ``plain()`` from the plain SGS
+    model; ``exact`` / ``reasons``: whether SGS reproduces it exactly, and why not."""
+
+    block_name: str
+    weight: str
+    kind: str
+    bn: str
+    exact: bool
+    reasons: list[str]
+    branched: Callable[[nn.Module], list[Tensor]]
+    plain: View
+
+
+@dataclass
+class Counterpart:
+    """The plain SGS model of a branched model, what ``attach_sgs`` needs, and the layer pairs."""
+
+    model: nn.Module
+    masks: dict
+    constants: dict
+    layers: list[LayerPair]
+
+    @property
+    def approximate(self) -> list[LayerPair]:
+        return [layer for layer in self.layers if not layer.exact]
+
+
+def _native_view(name: str, model: nn.Module) -> list[Tensor]:
+    return block_tensors(model.get_submodule(name))
+
+
+def _foreign_view(name: str, model: nn.Module) -> list[Tensor]:
+    """A recognised foreign block's eval-mode fused ``(weight, bias)`` (its deploy conv's)."""
+    return list(recognise(model.get_submodule(name)).kernel_module()())
+
+
+def _native_counterpart(branched: nn.Module) -> Counterpart:
+    """``to_sgs`` of reparam's own blocks; the plain layers found by name and traced dataflow."""
+    plain, masks, constants = conversion = to_sgs(branched, warn=False)
     pairs = find_conv_bn_pairs(plain).pairs
     layers = []
-    for row in report.layers:
+    for row in conversion.report.layers:
         conv_name = row.weight.rpartition(".")[0]
         bn_name = pairs.get(conv_name)
         bn = plain.get_submodule(bn_name) if bn_name and row.bn != "none" else None
-        layers.append(PlainLayer(row.block_name, row.weight, row.bn, plain.get_submodule(conv_name), bn))
-    return layers
+        layer = PlainLayer(row.bn, plain.get_submodule(conv_name), bn)
+        layers.append(LayerPair(row.block_name, row.weight, row.block, row.bn, row.exact, list(row.reasons),
+                                functools.partial(_native_view, row.block_name), layer.tensors))
+    return Counterpart(plain, dict(masks), dict(constants), layers)
+
+
+def _foreign_counterpart(branched: nn.Module) -> Counterpart:
+    """``to_sgs_foreign`` of recognised foreign blocks (timm's): deploy convs under deploy names."""
+    result = to_sgs_foreign(branched)
+    plain = result.model
+    layers = [
+        LayerPair(layer.block_name, layer.weight, layer.analysis.kind, layer.analysis.bn, layer.analysis.exact,
+                  list(layer.analysis.reasons), functools.partial(_foreign_view, layer.block_name),
+                  functools.partial(lambda names: [plain.get_parameter(n) for n in names], (layer.weight, layer.bias)))
+        for layer in result.layers
+    ]
+    return Counterpart(plain, dict(result.masks), dict(result.constants), layers)
+
+
+def _counterpart(branched: nn.Module) -> Counterpart:
+    return _foreign_counterpart(branched) if find_blocks(branched) else _native_counterpart(branched)
 
 
 def _other_parameters(reference: nn.Module, other: nn.Module, blocks: Iterable[str]) -> list[tuple[str, Tensor, Tensor]]:
@@ -223,7 +284,12 @@ def _load(model_or_spec: nn.Module | str, dtype: torch.dtype, device: str | torc
 
 
 def _branched(model: nn.Module, block: str, bn: str) -> tuple[nn.Module, str]:
-    """The model itself if it is branched already (``to_sgs`` finds blocks), else ``convert_model``'s."""
+    """The model itself if it is branched already (recognised foreign blocks such as timm's, or
+    reparam's own), else ``convert_model``'s."""
+    foreign = find_blocks(model)
+    if foreign:
+        kinds = ", ".join(sorted({adapter.kind for _, adapter in foreign}))
+        return model, f"{len(foreign)} recognised branched blocks ({kinds}): used as they are (block/bn ignored)"
     if to_sgs(model, warn=False).masks:
         return model, "the model is branched already: used as it is (block/bn ignored)"
     converted, report = convert_model(model, block=block, bn=bn, inplace=True, return_report=True)
@@ -265,16 +331,18 @@ def _replace_masks(masks: dict[str, Tensor], override: Mapping[str, Tensor] | No
     unknown = [name for name in override if name not in masks]
     if unknown:
         raise ConfigError(f"verify_model: masks given for {unknown}, which have no SGS mask; masked weights: {sorted(masks)}")
-    changed = [n for n, m in override.items() if not torch.equal(torch.as_tensor(m).to(masks[n]), masks[n])]
+    changed = [n for n, m in override.items()
+               if not (isinstance(masks[n], Tensor) and torch.equal(torch.as_tensor(m).to(masks[n]), masks[n]))]
     return {**masks, **{n: torch.as_tensor(m) for n, m in override.items()}}, changed
 
 
-def _expectation(report, optimizer: torch.optim.Optimizer, mode: str, steps: int, injected: list[str]) -> tuple[str, str]:
+def _expectation(counterpart: Counterpart, optimizer: torch.optim.Optimizer, mode: str, steps: int,
+                 injected: list[str]) -> tuple[str, str]:
     """The verdict theory predicts for the whole model, and why."""
-    approximate = report.approximate
+    approximate = counterpart.approximate
     if approximate:
         first = approximate[0]
-        count = f"{len(approximate)} of {len(report.layers)} layers"
+        count = f"{len(approximate)} of {len(counterpart.layers)} layers"
         return APPROXIMATE, f"{count} only approximate under SGS ({first.weight}: {first.reasons[0]})"
     if injected:
         return DIVERGES, f"masks replaced by the caller for {', '.join(injected)} (negative control)"
@@ -287,35 +355,27 @@ def _expectation(report, optimizer: torch.optim.Optimizer, mode: str, steps: int
 
 
 # -- what is recorded every step ---------------------------------------------------------------
-View = Callable[[], list[Tensor]]
-
-
 class _Recorder:
     """Per step, side and layer: deviation from the branched side, and how far the side moved."""
 
-    def __init__(self, sides: list[Side], plain_layers: list[PlainLayer]) -> None:
-        names = [layer.block_name for layer in plain_layers]
+    def __init__(self, sides: list[Side], layers: list[LayerPair]) -> None:
+        names = [layer.block_name for layer in layers]
         models = {side.name: side.model for side in sides}
         branched, plain = models["branched"], models["sgs"]
         self.views: dict[str, dict[str, View]] = {}
         for name, model in models.items():
             if name == "sgs":
-                views = {layer.block_name: layer.tensors for layer in plain_layers}
+                views = {layer.block_name: layer.plain for layer in layers}
                 pairs = _other_parameters(branched, plain, names)
                 views[OTHER] = lambda pairs=pairs: [theirs for _, _, theirs in pairs]
             else:
-                views = self._branched_views(model, names, plain)
+                views = {layer.block_name: functools.partial(layer.branched, model) for layer in layers}
+                # only what the plain model also has, so every side compares the same "other" tensors
+                pairs = _other_parameters(model, plain, names)
+                views[OTHER] = lambda pairs=pairs: [mine for _, mine, _ in pairs]
             self.views[name] = views
         self.reference = self.views["branched"]
         self.start: dict[tuple[str, str], list[Tensor]] = {}
-
-    @staticmethod
-    def _branched_views(model: nn.Module, names: list[str], plain: nn.Module) -> dict[str, View]:
-        views: dict[str, View] = {n: functools.partial(block_tensors, model.get_submodule(n)) for n in names}
-        # only what the plain model also has, so every side compares the same "other" tensors
-        pairs = _other_parameters(model, plain, names)
-        views[OTHER] = lambda pairs=pairs: [mine for _, mine, _ in pairs]
-        return views
 
     @torch.no_grad()
     def observe(self, step: int) -> list[dict]:
@@ -500,22 +560,23 @@ def verify_model(
     started = time.perf_counter()
     model, label = _load(model_or_spec, dtype, device, seed)
     branched, how = _branched(model, block, bn)
-    plain, sgs_masks, constants = conversion = to_sgs(branched, warn=False)
-    sgs_masks, injected = _replace_masks(sgs_masks, masks)
-    names = [row.block_name for row in conversion.report.layers]
+    counterpart = _counterpart(branched)
+    sgs_masks, injected = _replace_masks(counterpart.masks, masks)
+    names = [layer.block_name for layer in counterpart.layers]
     floor_side, twin = _rounding_twin(branched, names, floor, seed)
     batches, classes = _batches(branched, steps, batch_size, image_size, dtype, device, seed)
-    sides = [_side(n, m, opt_spec, sched_spec) for n, m in (("branched", branched), (floor_side, twin), ("sgs", plain))]
-    handle = _attach(sides[-1], sgs_masks, constants)
-    expected = _expectation(conversion.report, sides[-1].optimizer, handle.mode, steps, injected)
-    recorder = _Recorder(sides, _plain_layers(plain, conversion.report))
+    sides = [_side(n, m, opt_spec, sched_spec)
+             for n, m in (("branched", branched), (floor_side, twin), ("sgs", counterpart.model))]
+    handle = _attach(sides[-1], sgs_masks, counterpart.constants)
+    expected = _expectation(counterpart, sides[-1].optimizer, handle.mode, steps, injected)
+    recorder = _Recorder(sides, counterpart.layers)
     try:
         with tqdm(total=steps, desc="verify --model", unit="step", disable=not progress, leave=False) as bar:
             observe = lambda step: (bar.update(step > 0), recorder.observe(step))[1]
             per_step = pd.DataFrame(run_lockstep(sides, batches, _loss, steps, observe, observe_start=True))
     finally:
         handle.remove()
-    layers = {row.block_name: (row.block, row.bn) for row in conversion.report.layers}
+    layers = {layer.block_name: (layer.kind, layer.bn) for layer in counterpart.layers}
     summary = _summary(per_step, floor_side, layers, expected, dtype)
     overall = summary.iloc[-1]
     metadata = dict(model=label, conversion=how, block=block, bn=bn, optimizer=str(opt_spec),
