@@ -134,12 +134,37 @@ def test_torchvision_spec():
     assert result.metadata["model"] == "torchvision:squeezenet1_1" and result.metadata["layers"] == 9
 
 
+def timm_net(frozen_bn: bool) -> nn.Module:
+    """Two timm RepVggBlocks (BN inside each branch); ``frozen_bn``: every BN in eval mode with
+    frozen affine parameters, the linear variant that SGS reproduces exactly."""
+    byobnet = pytest.importorskip("timm.models.byobnet")
+    torch.manual_seed(0)
+    model = nn.Sequential(byobnet.RepVggBlock(3, 8), byobnet.RepVggBlock(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    if frozen_bn:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval().requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("frozen_bn, verdict", [(False, "approximate"), (True, "exact")])
+def test_timm_blocks_are_verified_as_they_are(frozen_bn, verdict):
+    result = verify_model(timm_net(frozen_bn), optimizer="SGD(lr=0.1, momentum=0.9)", steps=3, batch_size=4, image_size=8)
+    assert result.verdict == verdict and result.matches, result.summary.to_string()
+    assert "2 recognised branched blocks (timm RepVggBlock)" in result.metadata["conversion"]  # not converted again
+    assert result.floor_side == "perturbed"
+    if frozen_bn:
+        assert_exact(result)
+
+
 @pytest.mark.parametrize(
     "dev, floor, moved, approximation, verdict",
     [
         (1e-14, 1e-15, 1.0, False, "exact"),
         (math.nan, 1e-15, 1.0, False, "diverges"),
         (1e-14, 1e-15, 1e-12, False, "inconclusive"),  # nothing moved
+        (1e-2, 1e-15, 1e-12, False, "diverges"),  # one side stood still while the other moved
         (1e-2, 1e-15, 1.0, False, "diverges"),
         (1e-2, 1e-15, 1.0, True, "approximate"),
         (1e-8, 1e-15, 1.0, False, "inconclusive"),  # between tolerance and divergence floor

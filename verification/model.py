@@ -12,10 +12,10 @@ step). The verdict rule (:func:`judge`), with ``tol`` / ``floor_div`` the exact 
 divergence floor of :mod:`verification.tolerances` and ``d`` / ``f`` the SGS / twin deviations:
 
 1. ``d`` not finite: ``diverges``.
-2. the weights moved less than ``min_movement(dtype)`` (relative) from their start: ``inconclusive``
-   (with no movement every parameterization looks exact).
-3. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
+2. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
    approximation (BatchNorm inside branches), else ``diverges``.
+3. the weights moved less than ``min_movement(dtype)`` (relative) from their start, on either
+   side: ``inconclusive`` (with no movement every parameterization looks exact).
 4. ``f > tol / 10`` (rounding alone comes within 10x of the tolerance, or the twin blew up):
    ``ill-conditioned``: the tolerance cannot separate SGS from amplified rounding here.
 5. ``d <= tol``: ``exact``.
@@ -78,13 +78,13 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
     real = APPROXIMATE if approximation else DIVERGES
     if not math.isfinite(dev):
         return DIVERGES, "the SGS side went non-finite (NaN/inf)"
-    if not moved >= min_movement(dtype):
-        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {min_movement(dtype):.0e}: "
-                              "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
     threshold = max(div, CHAOS_MARGIN * floor) if math.isfinite(floor) else math.inf
     if dev >= threshold:
         return real, (f"deviation {dev:.1e} >= {threshold:.1e} (divergence floor {div:.0e}, "
                       f"{CHAOS_MARGIN:.0f} x noise floor {floor:.1e})")
+    if not moved >= min_movement(dtype):
+        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {min_movement(dtype):.0e}: "
+                              "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
     if not floor <= tol / 10:
         return ILL_CONDITIONED, (f"rounding alone reaches {floor:.1e} here (the rounding twin), within 10x of the "
                                  f"tolerance {tol:.0e}, so SGS (deviation {dev:.1e}) cannot be told from amplified "
