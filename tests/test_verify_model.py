@@ -103,6 +103,17 @@ def test_negative_control_broken_attach_is_caught(monkeypatch):
     assert result.verdict == "diverges" and not result.matches
 
 
+def test_bad_models_and_arguments_are_config_errors_before_training():
+    with pytest.raises(ConfigError, match=r"classifier returning \(batch, classes\) logits"):
+        verify_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), **TINY)
+    with pytest.raises(ConfigError, match="fails on a batch of shape"):
+        verify_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)), **TINY)
+    with pytest.raises(ConfigError, match="batch_size must be"):
+        verify_model(small_net(), steps=1, batch_size=0)
+    with pytest.raises(ConfigError, match="floor="):
+        verify_model(small_net(), floor="merged", bn="branch", **TINY)
+
+
 def test_inexact_optimizer_is_expected_to_diverge():
     result = verify_model(small_net(), bn="after", optimizer="Adam(lr=1e-2, weight_decay=0.1)", **TINY)
     assert result.expected == "diverges" and result.verdict == "diverges" and result.matches

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from reparam.adapters import find_blocks, recognise, to_sgs_foreign
 from reparam.blocks import ReparamBlock
 from reparam.convert import convert_model, find_conv_bn_pairs, load_model, to_sgs
+from reparam.convert.graph import error_line
 from reparam.errors import ConfigError
 from reparam.kernels import fold_batchnorm
 from reparam.sgs import NotEquivalentWarning, attach_sgs
@@ -233,15 +234,11 @@ def _loss(model: nn.Module, batch: tuple[Tensor, Tensor, int]) -> Tensor:
         return F.cross_entropy(_logits(model(x)), target)
 
 
-def _modes(model: nn.Module) -> dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
-
-
 @torch.no_grad()
 def _probe(model: nn.Module, x: Tensor) -> Tensor:
     """The logits of ``model(x)`` in eval mode (no BN statistics updated); every module's own
     train/eval flag is restored afterwards."""
-    modes = _modes(model)
+    modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
         return _logits(model(x))
@@ -265,7 +262,7 @@ def _batches(model: nn.Module, steps: int, batch_size: int, image_size: int, dty
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
-        raise ConfigError(f"verify_model: the model fails on a batch of shape {shape} ({err})") from None
+        raise ConfigError(f"verify_model: the model fails on a batch of shape {shape} ({error_line(err)})") from None
     return [(torch.randn(shape, generator=generator, dtype=dtype).to(device),
              torch.randint(classes, (batch_size,), generator=generator).to(device), seed + 3 + step)
             for step in range(steps)], classes
