@@ -5,12 +5,13 @@ nothing to convert."""
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 from torch import nn
 
 from reparam.adapters import find_blocks, fuse_foreign, inside_blocks, to_sgs_foreign
 from reparam.adapters.analysis import BlockAnalysis
-from reparam.convert.report import SGSLayer
+from reparam.convert.report import ConversionReport, SGSLayer, SGSReport
 from reparam.convert.results import FuseReport, SGSConversion
 from reparam.sgs.preconditioner import SpatialPreconditioner
 
@@ -73,3 +74,26 @@ def add_foreign_sgs(target: nn.Module, result: SGSConversion) -> None:
             exact=a.exact, reasons=list(a.reasons), has_constant=a.constant is not None,
             frozen=not target.get_parameter(layer.weight).requires_grad, form=form,
         ))
+
+
+def outcome_line(conversion: ConversionReport, sgs: SGSReport) -> str:
+    """What really happened, in one line: convs converted (with the BN placement each got),
+    recognised blocks the model already had, and how many SGS layers are exact."""
+    parts = []
+    if conversion.converted:
+        placements = Counter(row.bn for row in conversion.converted)
+        bns = ", ".join(f"{bn} x{count}" for bn, count in placements.items())
+        parts.append(f"{len(conversion.converted)} convs -> {conversion.block} (bn: {bns})")
+    kinds = Counter(layer.block for layer in sgs.layers if conversion.layer(layer.block_name) is None)
+    parts += [f"{count} {kind}" for kind, count in kinds.items()]
+    status = Counter("frozen" if l.frozen else "exact" if l.exact else "approximate" for l in sgs.layers)
+    sgs_part = ", ".join(f"{count} {name}" for name, count in status.items())
+    return "; ".join(parts or ["nothing converted"]) + (f"; SGS: {sgs_part}" if sgs_part else "")
+
+
+def layer_metadata(sgs: SGSReport) -> dict[str, dict[str, str]]:
+    """Per trained weight: its block, the BatchNorm placement it really has, SGS status and why."""
+    return {l.weight: {"block": l.block, "bn": l.bn,
+                       "sgs": "frozen" if l.frozen else "exact" if l.exact else "approximate",
+                       "why": "; ".join(([] if l.form == "mask" else [l.form]) + l.reasons)}
+            for l in sgs.layers}
