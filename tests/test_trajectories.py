@@ -50,7 +50,10 @@ dbb_configs = conv_configs(max_channels=4, max_input=9, min_kernel=3).filter(wel
 identity_configs = conv_configs(max_channels=4, max_input=9, same_channels=True, stride_one=True).filter(
     well_conditioned
 )
-mask_blocks = blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=small_configs, states=bn_states())
+# a 1x1 ACB / RepVGG block has no copies of its branch, so G = 1: a plain conv, nothing to control
+mask_blocks = blocks(block_types=("acb", "repvgg"), bn=("none", "after"), configs=small_configs, states=bn_states()).filter(
+    lambda drawn: drawn[1].kernel_size != (1, 1)
+)
 steps_st = st.integers(2, 8)
 batch_st = st.integers(2, 3)  # training-mode BatchNorm needs > 1 value per channel (1x1 outputs)
 
