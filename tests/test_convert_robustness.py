@@ -169,7 +169,7 @@ def test_example_input_failures_are_conversion_errors():
 def test_notes_say_what_consumes_the_conv():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     notes = {r.name: r.note for r in convert_model(model, "acb", "after").reparam_report.converted}
-    assert "'1' is a SyncBatchNorm" in notes["0"] and "convert_sync_batchnorm" in notes["0"]
+    assert "SyncBatchNorm: absorbed" in notes["0"]  # issue 11: SyncBatchNorm is absorbed now, said per layer
     assert "'3' (ReLU)" in notes["2"] and "model's output" in notes["4"]
     assert not any("no BatchNorm consumes it" in note for note in notes.values())
 
