@@ -342,7 +342,8 @@ def test_cli_errors_are_one_line(fixed_module, tmp_path, capsys):
 def test_cli_preservation_check_uses_randomized_batchnorm(fixed_module, tmp_path, monkeypatch, capsys):
     import reparam.convert.model as model_module
 
-    monkeypatch.setattr(model_module, "_load_bn", lambda target, source, shift: None)  # a conversion bug
+    fresh = lambda source, shift: nn.BatchNorm2d(source.num_features).to(source.running_mean.dtype)  # noqa: E731
+    monkeypatch.setattr(model_module, "_load_bn", fresh)  # a conversion bug: the BN is not loaded
     flat = fixed_module.replace(":fixed", ":flat")
     assert main(["convert", "--model", flat, "--bn", "after", "--out", str(tmp_path), "--input-size", "20"]) == 0
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]
