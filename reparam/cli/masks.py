@@ -74,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
         sgs = to_sgs(model, warn=False)
         if not sgs.masks:
             return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
-        meta = {"model": args.model, "block": args.block, "bn": args.bn}
+        conversion = model.reparam_report
+        meta = {"model": args.model, "block": args.block, "bn": args.bn, "bn_used": conversion.placements(),
+                "bn_summary": conversion.bn_summary()}
         if plot:
-            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} bn={args.bn}")
+            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} {conversion.bn_summary()}")
         save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
     except ReparamError as err:
         return fail("masks", err)
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("masks", f"cannot write {plot}: {err}")
     except KeyboardInterrupt:
         return fail("masks", "interrupted", status=INTERRUPTED)
+    print(model.reparam_report.bn_summary())
     print(mask_groups_text(sgs.report))
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0

@@ -21,6 +21,7 @@ from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import ConvBranch
 from reparam.convert.graph import (
     PLAIN,
+    BatchNormNotAbsorbedWarning,
     DataflowPairs,
     UntraceableModelWarning,
     error_line,
@@ -325,6 +326,21 @@ def swap_layers(target: nn.Module, names: dict[int, list[str]], swaps: Iterable[
                 _set_module(target, alias, swap.slot if swap.slot is not None else nn.Identity())
 
 
+def _warn_not_absorbed(job: ConvertJob, report: ConversionReport) -> None:
+    """One :class:`BatchNormNotAbsorbedWarning` per reason, naming every conv that got
+    ``bn="none"`` although ``job.bn`` asked for a BatchNorm (an untraceable model has its own warning)."""
+    if job.bn == "none" or not job.dataflow.traced:
+        return
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for row in report.converted:
+        if row.bn != job.bn:
+            by_reason[job.dataflow.why_not.get(row.name, "the conv is not called in the traced forward")].append(row.name)
+    for reason, layers in by_reason.items():
+        shown = ", ".join(layers[:8]) + (f", ... ({len(layers) - 8} more)" if len(layers) > 8 else "")
+        warnings.warn(f"convert_model: bn={job.bn!r} asked, but {len(layers)} conv(s) became bn='none' blocks because "
+                      f"{reason}: {shown}", BatchNormNotAbsorbedWarning, stacklevel=3)
+
+
 def convert_model(
     model: nn.Module,
     block: str = "acb",
@@ -376,6 +392,7 @@ def convert_model(
                 report.converted.append(outcome[0])
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
+    _warn_not_absorbed(job, report)
     if not job.dataflow.traced:
         direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
         warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
