@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from reparam.cli._common import INTERRUPTED, fail, output_dir_problem, sigterm_as_interrupt
-from reparam.cli._verify_model import add_model_arguments, run_model
+from reparam.cli._verify_model import add_model_arguments, run_model, wants_model
 from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     130 interrupted (partial reports written)."""
     from verification.schema import frames
 
-    if args.model:
+    if wants_model(args):
         return run_model(args)
     problem = _problem(args)
     if problem is not None:
