@@ -288,6 +288,11 @@ def test_cli_usage_errors_exit_2(nets_module, capsys, extra, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_cli_model_options_without_model_exit_2(capsys):
+    assert main(["verify", "--optimizer", "AdamW(lr=1e-3)", "--batch-size", "4"]) == 2
+    assert "--optimizer, --batch-size only apply to a whole model" in capsys.readouterr().err
+
+
 def test_cli_out_file_exits_2_before_work(nets_module, capsys):
     (nets_module / "taken").write_text("x")
     assert main(["verify", "--model", "tinynets:small", "--out", "taken"]) == 2

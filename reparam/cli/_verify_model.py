@@ -14,6 +14,9 @@ import sys
 #: the exit status when the configuration is too ill-conditioned to judge
 ILL_CONDITIONED_EXIT = 3
 SHOWN_COLUMNS = ["layer", "expected", "observed", "max_rel_dev", "floor_rel_dev", "moved_rel"]
+#: options that only mean something with --model (their defaults are filled in by run_model)
+MODEL_ONLY = ("block", "optimizer", "schedule", "batch_size", "image_size", "floor")
+DEFAULT_OPTIMIZER = "SGD(lr=0.1, momentum=0.9)"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +32,31 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", metavar="SPEC", default=None,
                        help="torchvision:<name>, timm:<name> or module:callable (random weights); converted unless "
                        "already branched")
-    group.add_argument("--block", choices=list(BLOCKS), default="acb", help="block each conv becomes (default: acb)")
-    group.add_argument("--optimizer", default="SGD(lr=0.1, momentum=0.9)", metavar="SPEC",
-                       help="any torch.optim optimizer with keyword literals (default: 'SGD(lr=0.1, momentum=0.9)')")
+    group.add_argument("--block", choices=list(BLOCKS), help="block each conv becomes (default: acb)")
+    group.add_argument("--optimizer", metavar="SPEC",
+                       help=f"any torch.optim optimizer with keyword literals (default: {DEFAULT_OPTIMIZER!r})")
     group.add_argument("--schedule", default=None, metavar="SPEC",
                        help="a torch.optim.lr_scheduler schedule, e.g. 'CosineAnnealingLR(T_max=10)' (default: none)")
-    group.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"batch size (default: {DEFAULT_BATCH})")
-    group.add_argument("--image-size", type=int, default=DEFAULT_IMAGE,
-                       help=f"side of the square random images (default: {DEFAULT_IMAGE})")
-    group.add_argument("--floor", choices=("auto", "merged", "perturbed"), default="auto",
+    group.add_argument("--batch-size", type=int, help=f"batch size (default: {DEFAULT_BATCH})")
+    group.add_argument("--image-size", type=int, help=f"side of the square random images (default: {DEFAULT_IMAGE})")
+    group.add_argument("--floor", choices=("auto", "merged", "perturbed"),
                        help="rounding twin measuring the noise floor: merged-mode blocks, weights moved by one ulp, "
                        "or auto (merged where every block is linear)")
+
+
+def wants_model(args: argparse.Namespace) -> bool:
+    """True when ``--model`` or any option that only means something with it was given."""
+    return args.model is not None or any(getattr(args, name) is not None for name in MODEL_ONLY)
+
+
+def _fill_defaults(args: argparse.Namespace) -> None:
+    from verification.model import DEFAULT_BATCH, DEFAULT_IMAGE
+
+    defaults = dict(block="acb", optimizer=DEFAULT_OPTIMIZER, batch_size=DEFAULT_BATCH, image_size=DEFAULT_IMAGE,
+                    floor="auto")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def _problem(args: argparse.Namespace) -> str | None:
@@ -47,6 +64,10 @@ def _problem(args: argparse.Namespace) -> str | None:
     from reparam.cli._common import output_dir_problem
     from reparam.cli.verify import device_problem
 
+    if args.model is None:
+        given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if getattr(args, name) is not None]
+        return f"{', '.join(given)} only apply to a whole model: add --model SPEC (or drop them to run the block suite)"
+    _fill_defaults(args)
     if args.bn is not None and len(args.bn) != 1:
         return f"--bn takes one placement with --model, got {' '.join(args.bn)}"
     for option, value in (("--batch-size", args.batch_size), ("--image-size", args.image_size)):
@@ -70,7 +91,8 @@ def _print_outcome(result, paths) -> None:
 
 
 def run_model(args: argparse.Namespace) -> int:
-    """Run ``reparam verify --model``; returns the exit status (see the module docstring)."""
+    """Run ``reparam verify --model`` (call it when :func:`wants_model`); returns the exit status
+    (see the module docstring)."""
     from reparam.cli._common import INTERRUPTED, fail, sigterm_as_interrupt
     from reparam.cli.verify import DTYPES
     from reparam.errors import ReparamError

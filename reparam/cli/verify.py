@@ -11,7 +11,7 @@ import torch
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
 from reparam.cli._common import INTERRUPTED, fail, output_dir_problem, sigterm_as_interrupt
-from reparam.cli._verify_model import add_model_arguments, run_model
+from reparam.cli._verify_model import add_model_arguments, run_model, wants_model
 from verification.optimizers import OPTIMIZER_NAMES
 from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS, full_precision
 
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     130 interrupted (partial reports written)."""
     from verification.schema import frames
 
-    if args.model:
+    if wants_model(args):
         return run_model(args)
     problem = _problem(args)
     if problem is not None:
