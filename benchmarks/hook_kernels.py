@@ -33,6 +33,7 @@ import torch
 from torch.autograd import DeviceType
 
 from benchmarks import measure, variants
+from benchmarks.report import table_text
 from reparam.convert import load_model
 
 HOOK_RANGE = "reparam.bench::step_hook"
@@ -153,8 +154,6 @@ def measure_variant(spec: str, variant: str, device: torch.device, image_size: i
 
 
 def _markdown(rows: list[dict], meta: dict) -> str:
-    from benchmarks.report import table_text
-
     cols = ("model", "variant", "amp", "masked_params", "hooks", "steps", "kernels", "ops", "leaf_ops",
             "step_kernels", "step_ops", "fast_path")
     lines = [f"# Work launched by the SGS optimizer-step hooks ({meta['device_name']})", "",

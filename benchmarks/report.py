@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def run_warnings(rows: Sequence[Row], environment: dict) -> list[str]:
     busy = [r.variant for r in rows if _ok(r.load_avg_1m) and r.load_avg_1m > cores]
     if busy:
         found.append(f"{len(busy)} of {len(rows)} rows finished with the load average above {cores} cores")
-    noisy = [f"{r.model}/{r.image_size}px/{r.variant}" for r in rows if r.warning and "noisy" in r.warning]
+    noisy = [f"{r.model.rpartition(':')[2]}/{r.image_size}px/{r.variant}" for r in rows if r.warning and "noisy" in r.warning]
     if noisy:
         shown = ", ".join(noisy[:6]) + (", ..." if len(noisy) > 6 else "")
         found.append(f"{len(noisy)} of {len(rows)} rows have an IQR above {NOISY_IQR_FRACTION:.0%} of their median "
@@ -222,16 +223,16 @@ def plot_ratios(rows: Sequence[Row], path: Path, title: str = "", warnings: Sequ
     if not groups:
         return None
     width = max(6.0, 0.75 * max(len(g) for g in groups.values()) + 2)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(width, 3.2 * len(groups) + 0.4 * bool(warnings)),
-                             squeeze=False)
-    for ax, ((model, size, batch), group) in zip(axes[:, 0], groups.items()):
-        _panel(ax, group, f"{model}  {size}x{size}  batch {batch}")
     heading = [title] if title else []
     if warnings:
-        heading.append(f"WARNING ({len(warnings)}, see results.md): {warnings[0].split(';')[0][:90]}")
+        first = warnings[0].split(";")[0]
+        heading += textwrap.wrap(f"WARNING ({len(warnings)}, see results.md): {first}", width=int(width * 12))
+    height = 3.2 * len(groups) + 0.15 * len(heading)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(width, height), squeeze=False, constrained_layout=True)
+    for ax, ((model, size, batch), group) in zip(axes[:, 0], groups.items()):
+        _panel(ax, group, f"{model}  {size}x{size}  batch {batch}")
     if heading:
         fig.suptitle("\n".join(heading), fontsize=9, color="red" if warnings else "black")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,8 @@ import pytest
 
 from benchmarks import execute, report, run
 from benchmarks.row import COLUMNS, Row
-from reparam.cli import main
+from reparam.cli import build_parser, main
+from reparam.cli.bench import options_from_args
 
 TINY = ["--models", "benchmarks.tiny:tiny_net", "--image-size", "16", "--batch-size", "2",
         "--warmup", "1", "--steps", "2", "--no-progress", "--threads", "1", "--isolate", "never"]
@@ -81,9 +82,7 @@ def test_good_specs_pass_the_check_without_building_weights():
 
 
 def test_quick_pins_one_thread():
-    parser = __import__("reparam.cli", fromlist=["build_parser"]).build_parser()
-    from reparam.cli.bench import options_from_args
-
+    parser = build_parser()
     assert options_from_args(parser.parse_args(["bench", "--quick"])).threads == 1
     assert options_from_args(parser.parse_args(["bench", "--quick", "--threads", "2"])).threads == 2
     assert options_from_args(parser.parse_args(["bench"])).threads is None

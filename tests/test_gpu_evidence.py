@@ -109,3 +109,11 @@ def test_dry_run_runs_every_part_and_packs_one_archive(tmp_path, monkeypatch):
     assert {p.name for p in (tmp_path / "OUT").iterdir()} == {"evidence.md", f"{out.name}.tar.gz"}
     with tarfile.open(tmp_path / "OUT" / f"{out.name}.tar.gz") as tar:
         assert f"{out.name}/evidence.json" in tar.getnames()
+
+
+def test_shell_entry_point_is_valid_bash():
+    import subprocess
+
+    script = gpu_evidence.ROOT / "benchmarks" / "gpu_evidence.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "benchmarks.gpu_evidence" in script.read_text()
