@@ -14,15 +14,27 @@ from reparam.sgs.streaming import collect_statistics, masks_from_data
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed")
 
 
+class Gate(nn.Module):
+    """Runs its conv only on batches of 3 or more images: on rank 0 only (rank 1 gets pairs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.extra(x) if x.shape[0] >= 3 else x
+
+
 def model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, (3, 5), padding="same"),
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), Gate(), nn.Conv2d(4, 4, (3, 5), padding="same"),
                          nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1, padding_mode="reflect"))
 
 
 def data() -> list[torch.Tensor]:
+    """Rank 0 (even positions): 3 images per batch; rank 1: 2."""
     g = torch.Generator().manual_seed(1)
-    return [torch.randn(3, 3, 9, 9, generator=g) for _ in range(4)]
+    return [torch.randn(3 - i % 2, 3, 9, 9, generator=g) for i in range(4)]
 
 
 def results(batches, **kw) -> dict:
@@ -55,6 +67,7 @@ def test_ddp_statistics_equal_single_process(tmp_path):
         single = results(union, diagonal_removal=diag)
         for rank in range(world):
             assert single["G"].keys() == got[rank][diag]["G"].keys()
+            assert "2.extra.weight" in single["G"]  # run by rank 0 only: identity elements on rank 1
             for name in single["G"]:
                 assert torch.equal(got[rank][diag]["counts"][name], single["counts"][name])
                 assert torch.equal(got[rank][diag]["G"][name], single["G"][name])

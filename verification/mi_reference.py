@@ -11,6 +11,7 @@ is wrong or crashes, so that the library can be checked there against the same d
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -111,24 +112,11 @@ def reference_dependence(feature_map: np.ndarray, kernel_size: tuple[int, int] |
                     if 0 <= cell[0] < kh and 0 <= cell[1] < kw:
                         per_channel[c][cell] = value
                 done.update({d, (-d[0], -d[1])})
-    with np.errstate(invalid="ignore"), _quiet():
+    with warnings.catch_warnings():  # all-NaN taps (dead layers): NaN, without NumPy's warning
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(per_channel, axis=0)
 
 
 def reference_scaling(S: np.ndarray) -> np.ndarray:
     """G = S / mean(S)."""
     return S / S.mean()
-
-
-class _quiet:
-    """Silence NumPy's 'mean of empty slice' warning for all-NaN taps (dead layers)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
