@@ -93,10 +93,12 @@ def _image_problem(source: str) -> str | None:
 def _model_problem(model) -> str | None:
     from torch import nn
 
+    from reparam.sgs.streaming import qualifying_convs
+
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     if first.in_channels != 3:
         return f"the model's first conv takes {first.in_channels} channels; the images are RGB (3)"
-    if not any(isinstance(m, nn.Conv2d) and min(m.kernel_size) > 1 for m in model.modules()):
+    if not qualifying_convs(model):
         return "the model has no conv with a kernel larger than 1 in both directions, so there is no G to compute"
     return None
 
