@@ -117,10 +117,6 @@ def results_dir(config: Config, base: Path) -> Path:
 
 
 # -- running the parts ---------------------------------------------------------------------
-class _PartTimeout(Exception):
-    pass
-
-
 class _Alarm:
     """Interrupt this process (as Ctrl-C would) after ``seconds``; remembers whether it fired."""
 
@@ -166,10 +162,10 @@ def _run_bench(part: Part, config: Config, out: Path, cache: BuildCache, log) ->
     part.status = "timeout" if alarm.fired else ("ok" if all(s == "ok" for s in statuses) else "partial")
 
 
-def _subprocess(cmd: list[str], limit_s: float, log_path: Path) -> tuple[int | None, bool]:
+def _subprocess(cmd: list[str], limit_s: float, log_path: Path, extra_env: dict[str, str]) -> tuple[int | None, bool]:
     """Run ``cmd`` (output to ``log_path``); past ``limit_s`` send SIGINT, then SIGKILL after a
     grace period. Returns ``(exit status, timed out)``."""
-    env = dict(os.environ)
+    env = {**os.environ, **extra_env}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -207,8 +203,10 @@ def _run_hooks(part: Part, config: Config, out: Path, log) -> None:
 
 def _run_verify(part: Part, config: Config, out: Path) -> None:
     cmd = [sys.executable, "-m", "reparam", "verify", *config.verify_args, "--out", str(out / "verify")]
-    rc, timed_out = _subprocess(cmd, part.limit_s, out / "logs" / f"{part.name}.log")
-    part.note = f"exit status {rc}; command: {' '.join(cmd[1:])}"
+    # float32 means float32: cuBLAS/cuDNN would otherwise use TF32 for convs (torch's default)
+    extra_env = {"NVIDIA_TF32_OVERRIDE": "0"}
+    rc, timed_out = _subprocess(cmd, part.limit_s, out / "logs" / f"{part.name}.log", extra_env)
+    part.note = f"exit status {rc}; command: NVIDIA_TF32_OVERRIDE=0 {' '.join(cmd[1:])}"
     part.status = "timeout" if timed_out else ("ok" if rc == 0 else "failed")
 
 
@@ -333,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for part in config.parts:  # every part keeps its share of the budget
         part.budget_s *= (args.budget - RESERVE_S) / DEFAULT_BUDGET_S
-    out = results_dir(config, Path(args.results))
+    out = results_dir(config, Path(args.results).resolve())  # absolute: subprocesses run in the repository root
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     environment = collect(torch.device(config.device), {"budget_s": args.budget, "dry_run": config.dry_run})

@@ -40,9 +40,9 @@ def row_warnings(row: Row, cores: int) -> list[str]:
     median, or a 1-minute load average above the usable cores when the row finished."""
     found = []
     if row.ok and _ok(row.iqr_ms) and _ok(row.median_ms) and row.iqr_ms > NOISY_IQR_FRACTION * row.median_ms > 0:
-        found.append(f"noisy: IQR {row.iqr_ms / row.median_ms:.0%} of the median (> {NOISY_IQR_FRACTION:.0%})")
+        found.append(f"noisy: IQR {row.iqr_ms / row.median_ms:.0%} of median > {NOISY_IQR_FRACTION:.0%}")
     if _ok(row.load_avg_1m) and row.load_avg_1m > cores:
-        found.append(f"busy: load average {row.load_avg_1m:.1f} > {cores} cores")
+        found.append(f"busy: load {row.load_avg_1m:.1f} > {cores} cores")
     return found
 
 

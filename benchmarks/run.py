@@ -175,7 +175,7 @@ def row_line(row: Row) -> str:
     if row.status in ("error", "skipped"):
         line += f"  {row.error or ''}"
     if row.warning:
-        line += f"  WARNING {row.warning}"
+        line += f"  WARNING {row.warning}"  # short by design: report.row_warnings
     return line
 
 

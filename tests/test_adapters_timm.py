@@ -137,3 +137,62 @@ def test_nothing_nested_inside_a_recognised_block():
     model = nn.Sequential(fastvit.RepMixer(6, 3), byobnet.RepVggBlock(6, 6))
     names = [name for name, _ in find_blocks(model)]
     assert names == ["0", "1"]  # RepMixer's inner MobileOneBlocks are part of it, not blocks of their own
+
+
+def test_timm_spec_with_literal_kwargs():
+    from reparam.convert import load_model
+
+    model = load_model("timm:repvgg_a0?num_classes=7&drop_rate=0.0&global_pool='avg'")
+    assert type(model).__name__ == "ByobNet" and model.num_classes == 7
+    assert len(find_blocks(model)) == 22
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("timm:no_such_net", "timm has no model"),
+    ("timm:repvgg_a0?num_classes", "key=value"),
+    ("timm:repvgg_a0?pretrained=True", "never downloaded"),
+    ("timm:repvgg_a0?bogus_arg=1", "rejected"),
+])
+def test_bad_timm_specs_are_one_line_errors(spec, words):
+    from reparam.convert import load_model
+    from reparam.errors import ConversionError
+
+    with pytest.raises(ConversionError, match=words) as info:
+        load_model(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_timm_spec_without_timm(monkeypatch):
+    import sys
+
+    from reparam.convert import load_model
+    from reparam.errors import ConversionError
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
+    with pytest.raises(ConversionError, match="needs timm, which is not installed"):
+        load_model("timm:repvgg_a0")
+
+
+def test_core_import_does_not_import_timm():
+    import subprocess
+    import sys
+
+    code = "import sys, reparam, reparam.adapters, reparam.convert; print('timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_repvgg_a0_fuses_like_timm_and_masks_load_into_the_deployed_model():
+    model = randomize(timm.create_model("repvgg_a0", pretrained=False, num_classes=5).double())
+    sgs = to_sgs_foreign(model)
+    theirs = timm.utils.reparameterize_model(model)
+    assert list(sgs.model.state_dict()) == list(theirs.state_dict())
+    worst = max(float((a - b).abs().max()) for a, b in zip(sgs.model.state_dict().values(), theirs.state_dict().values()))
+    assert worst <= 1e-12
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert max_output_difference(model.eval()(x), sgs.model.eval()(x)) <= 1e-10 * float(model(x).abs().max())
+    assert len(sgs.layers) == 22 and all(name.endswith(".reparam_conv.weight") for name in sgs.masks)
+    assert all(not layer.analysis.exact and "BatchNorm" in layer.analysis.reasons[0] for layer in sgs.layers)
+    opt = torch.optim.SGD(theirs.parameters(), lr=0.1)
+    handle = attach_sgs(opt, sgs.masks, constant_kernels=sgs.constants, model=theirs)
+    assert len(handle.parameters) == 22

@@ -179,3 +179,21 @@ def test_keep_last_batch_saves_one_forward_and_changes_nothing(n):
     assert len(calls) == 2 * n
     for name in fast:
         assert torch.equal(fast[name].counts, slow[name].counts)
+
+
+@pytest.mark.parametrize("diagonal_removal", [False, True])
+def test_state_does_not_grow_with_batches(diagonal_removal):
+    """What a layer holds: two (C, H, W) range maps and (D, C, B, B) counts, B = Sturges' bins + 1
+    (the only dependence on the number of batches: logarithmic, through the bins)."""
+    from reparam.sgs.dependence import sturges_bins
+    from reparam.sgs.streaming import collect_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 5, padding=2))
+    for k in (1, 5):
+        for s in collect_statistics(model, batches(n=k), diagonal_removal=diagonal_removal).values():
+            (C, H, W), D = s.ranges.lo.shape, len(s.geometry.canonical)
+            most_pairs = 4 * k * max(s.geometry.rects(j, H, W)[2] for j in range(D))
+            B = s.width  # Sturges' bins + the trash bin
+            assert diagonal_removal or sturges_bins(most_pairs) + 1 == s.width  # (diagonal removal: fewer pairs)
+            extra = D * 5 * C * 8 if diagonal_removal else 0  # per-displacement non-zero ranges
+            assert s.state_bytes == 2 * C * H * W * 4 + D * C * B * B * 8 + D * C * 8 + extra  # + pairs per (D, C)

@@ -12,10 +12,10 @@ step). The verdict rule (:func:`judge`), with ``tol`` / ``floor_div`` the exact 
 divergence floor of :mod:`verification.tolerances` and ``d`` / ``f`` the SGS / twin deviations:
 
 1. ``d`` not finite: ``diverges``.
-2. the weights moved less than ``min_movement(dtype)`` (relative) from their start: ``inconclusive``
-   (with no movement every parameterization looks exact).
-3. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
+2. ``d >= max(floor_div, CHAOS_MARGIN * f)``: ``approximate`` where theory offers only an
    approximation (BatchNorm inside branches), else ``diverges``.
+3. the weights moved less than ``min_movement(dtype)`` (relative) from their start, on either
+   side: ``inconclusive`` (with no movement every parameterization looks exact).
 4. ``f > tol / 10`` (rounding alone comes within 10x of the tolerance, or the twin blew up):
    ``ill-conditioned``: the tolerance cannot separate SGS from amplified rounding here.
 5. ``d <= tol``: ``exact``.
@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from reparam.adapters import find_blocks, recognise, to_sgs_foreign
 from reparam.blocks import ReparamBlock
 from reparam.convert import convert_model, find_conv_bn_pairs, load_model, to_sgs
+from reparam.convert.graph import error_line
 from reparam.errors import ConfigError
 from reparam.kernels import fold_batchnorm
 from reparam.sgs import NotEquivalentWarning, attach_sgs
@@ -77,18 +79,19 @@ def judge(dev: float, floor: float, moved: float, dtype: torch.dtype, approximat
     real = APPROXIMATE if approximation else DIVERGES
     if not math.isfinite(dev):
         return DIVERGES, "the SGS side went non-finite (NaN/inf)"
-    if not moved >= min_movement(dtype):
-        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {min_movement(dtype):.0e}: "
-                              "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
     threshold = max(div, CHAOS_MARGIN * floor) if math.isfinite(floor) else math.inf
     if dev >= threshold:
         return real, (f"deviation {dev:.1e} >= {threshold:.1e} (divergence floor {div:.0e}, "
                       f"{CHAOS_MARGIN:.0f} x noise floor {floor:.1e})")
+    if not moved >= min_movement(dtype):
+        return INCONCLUSIVE, (f"the weights moved only {moved:.1e} (relative) from their start, < {min_movement(dtype):.0e}: "
+                              "any parameterization looks exact when nothing moves; raise the learning rate or --steps")
     if not floor <= tol / 10:
         return ILL_CONDITIONED, (f"rounding alone reaches {floor:.1e} here (the rounding twin), within 10x of the "
                                  f"tolerance {tol:.0e}, so SGS (deviation {dev:.1e}) cannot be told from amplified "
-                                 "rounding: too ill-conditioned to judge; use a larger batch or image size, fewer steps, "
-                                 "a smaller learning rate or float64")
+                                 "rounding: too ill-conditioned to judge; use a larger batch or image size, fewer steps"
+                                 + (", a smaller learning rate or float64" if dtype != torch.float64 else
+                                    " or a smaller learning rate"))
     if dev <= tol:
         return EXACT, f"deviation {dev:.1e} <= tolerance {tol:.0e} (noise floor {floor:.1e}, weights moved {moved:.1e})"
     return INCONCLUSIVE, f"deviation {dev:.1e} between the tolerance {tol:.0e} and the divergence floor {div:.0e}"
@@ -111,15 +114,12 @@ def block_tensors(block: nn.Module) -> list[Tensor]:
     return [weight, *extra]
 
 
-@dataclass
 class PlainLayer:
-    """Where one branched layer lives in the plain SGS model: its conv and the BN after it."""
+    """A converted layer in the plain SGS model: its conv and the BN after it (``bn_style`` the
+    block's placement); ``tensors()`` pairs with :func:`block_tensors`."""
 
-    block_name: str
-    weight_name: str
-    bn_style: str
-    conv: nn.Conv2d
-    bn: nn.Module | None
+    def __init__(self, bn_style: str, conv: nn.Conv2d, bn: nn.Module | None) -> None:
+        self.bn_style, self.conv, self.bn = bn_style, conv, bn
 
     def tensors(self) -> list[Tensor]:
         if self.bn_style == "branch" and self.bn is not None:
@@ -131,15 +131,78 @@ class PlainLayer:
         return [self.conv.weight, *extra]
 
 
-def _plain_layers(plain: nn.Module, report) -> list[PlainLayer]:
+View = Callable[[], list[Tensor]]
+
+
+@dataclass
+class LayerPair:
+    """One converted layer on both sides: ``branched(model)`` reads it from a model with the
+    branched structure (the branched side or its rounding twin), ``plain()`` from the plain SGS
+    model; ``exact`` / ``reasons``: whether SGS reproduces it exactly, and why not."""
+
+    block_name: str
+    weight: str
+    kind: str
+    bn: str
+    exact: bool
+    reasons: list[str]
+    branched: Callable[[nn.Module], list[Tensor]]
+    plain: View
+
+
+@dataclass
+class Counterpart:
+    """The plain SGS model of a branched model, what ``attach_sgs`` needs, and the layer pairs."""
+
+    model: nn.Module
+    masks: dict
+    constants: dict
+    layers: list[LayerPair]
+
+    @property
+    def approximate(self) -> list[LayerPair]:
+        return [layer for layer in self.layers if not layer.exact]
+
+
+def _native_view(name: str, model: nn.Module) -> list[Tensor]:
+    return block_tensors(model.get_submodule(name))
+
+
+def _foreign_view(name: str, model: nn.Module) -> list[Tensor]:
+    """A recognised foreign block's eval-mode fused ``(weight, bias)`` (its deploy conv's)."""
+    return list(recognise(model.get_submodule(name)).kernel_module()())
+
+
+def _native_counterpart(branched: nn.Module) -> Counterpart:
+    """``to_sgs`` of reparam's own blocks; the plain layers found by name and traced dataflow."""
+    plain, masks, constants = conversion = to_sgs(branched, warn=False)
     pairs = find_conv_bn_pairs(plain).pairs
     layers = []
-    for row in report.layers:
+    for row in conversion.report.layers:
         conv_name = row.weight.rpartition(".")[0]
         bn_name = pairs.get(conv_name)
         bn = plain.get_submodule(bn_name) if bn_name and row.bn != "none" else None
-        layers.append(PlainLayer(row.block_name, row.weight, row.bn, plain.get_submodule(conv_name), bn))
-    return layers
+        layer = PlainLayer(row.bn, plain.get_submodule(conv_name), bn)
+        layers.append(LayerPair(row.block_name, row.weight, row.block, row.bn, row.exact, list(row.reasons),
+                                functools.partial(_native_view, row.block_name), layer.tensors))
+    return Counterpart(plain, dict(masks), dict(constants), layers)
+
+
+def _foreign_counterpart(branched: nn.Module) -> Counterpart:
+    """``to_sgs_foreign`` of recognised foreign blocks (timm's): deploy convs under deploy names."""
+    result = to_sgs_foreign(branched)
+    plain = result.model
+    layers = [
+        LayerPair(layer.block_name, layer.weight, layer.analysis.kind, layer.analysis.bn, layer.analysis.exact,
+                  list(layer.analysis.reasons), functools.partial(_foreign_view, layer.block_name),
+                  functools.partial(lambda names: [plain.get_parameter(n) for n in names], (layer.weight, layer.bias)))
+        for layer in result.layers
+    ]
+    return Counterpart(plain, dict(result.masks), dict(result.constants), layers)
+
+
+def _counterpart(branched: nn.Module) -> Counterpart:
+    return _foreign_counterpart(branched) if find_blocks(branched) else _native_counterpart(branched)
 
 
 def _other_parameters(reference: nn.Module, other: nn.Module, blocks: Iterable[str]) -> list[tuple[str, Tensor, Tensor]]:
@@ -160,21 +223,22 @@ def _logits(output: object) -> Tensor:
     return output
 
 
-def _loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Cross-entropy on random labels: non-linear, so the gradient depends on the weights."""
-    x, target = batch
-    return F.cross_entropy(_logits(model(x)), target)
-
-
-def _modes(model: nn.Module) -> dict[str, bool]:
-    return {name: m.training for name, m in model.named_modules()}
+def _loss(model: nn.Module, batch: tuple[Tensor, Tensor, int]) -> Tensor:
+    """Cross-entropy on random labels (non-linear, so the gradient depends on the weights). The
+    forward runs under the batch's own seed, so random layers (dropout, stochastic depth) draw
+    the same numbers on every side; the caller's RNG state is left as it was."""
+    x, target, seed = batch
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return F.cross_entropy(_logits(model(x)), target)
 
 
 @torch.no_grad()
 def _probe(model: nn.Module, x: Tensor) -> Tensor:
     """The logits of ``model(x)`` in eval mode (no BN statistics updated); every module's own
     train/eval flag is restored afterwards."""
-    modes = _modes(model)
+    modes = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
         return _logits(model(x))
@@ -198,9 +262,10 @@ def _batches(model: nn.Module, steps: int, batch_size: int, image_size: int, dty
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
-        raise ConfigError(f"verify_model: the model fails on a batch of shape {shape} ({err})") from None
+        raise ConfigError(f"verify_model: the model fails on a batch of shape {shape} ({error_line(err)})") from None
     return [(torch.randn(shape, generator=generator, dtype=dtype).to(device),
-             torch.randint(classes, (batch_size,), generator=generator).to(device)) for _ in range(steps)], classes
+             torch.randint(classes, (batch_size,), generator=generator).to(device), seed + 3 + step)
+            for step in range(steps)], classes
 
 
 # -- building the sides ----------------------------------------------------------------------------
@@ -216,7 +281,12 @@ def _load(model_or_spec: nn.Module | str, dtype: torch.dtype, device: str | torc
 
 
 def _branched(model: nn.Module, block: str, bn: str) -> tuple[nn.Module, str]:
-    """The model itself if it is branched already (``to_sgs`` finds blocks), else ``convert_model``'s."""
+    """The model itself if it is branched already (recognised foreign blocks such as timm's, or
+    reparam's own), else ``convert_model``'s."""
+    foreign = find_blocks(model)
+    if foreign:
+        kinds = ", ".join(sorted({adapter.kind for _, adapter in foreign}))
+        return model, f"{len(foreign)} recognised branched blocks ({kinds}): used as they are (block/bn ignored)"
     if to_sgs(model, warn=False).masks:
         return model, "the model is branched already: used as it is (block/bn ignored)"
     converted, report = convert_model(model, block=block, bn=bn, inplace=True, return_report=True)
@@ -258,55 +328,51 @@ def _replace_masks(masks: dict[str, Tensor], override: Mapping[str, Tensor] | No
     unknown = [name for name in override if name not in masks]
     if unknown:
         raise ConfigError(f"verify_model: masks given for {unknown}, which have no SGS mask; masked weights: {sorted(masks)}")
-    changed = [n for n, m in override.items() if not torch.equal(torch.as_tensor(m).to(masks[n]), masks[n])]
+    changed = [n for n, m in override.items()
+               if not (isinstance(masks[n], Tensor) and torch.equal(torch.as_tensor(m).to(masks[n]), masks[n]))]
     return {**masks, **{n: torch.as_tensor(m) for n, m in override.items()}}, changed
 
 
-def _expectation(report, optimizer: torch.optim.Optimizer, mode: str, steps: int, injected: list[str]) -> tuple[str, str]:
+def _expectation(counterpart: Counterpart, optimizer: torch.optim.Optimizer, mode: str, steps: int,
+                 injected: list[str]) -> tuple[str, str]:
     """The verdict theory predicts for the whole model, and why."""
-    approximate = report.approximate
+    approximate = counterpart.approximate
     if approximate:
         first = approximate[0]
-        count = f"{len(approximate)} of {len(report.layers)} layers"
+        count = f"{len(approximate)} of {len(counterpart.layers)} layers"
         return APPROXIMATE, f"{count} only approximate under SGS ({first.weight}: {first.reasons[0]})"
     if injected:
         return DIVERGES, f"masks replaced by the caller for {', '.join(injected)} (negative control)"
-    reason = inexact_reasons_for_steps(optimizer, optimizer.param_groups, steps)[mode]
-    if reason is not None:
-        return DIVERGES, reason
+    reasons = inexact_reasons_for_steps(optimizer, optimizer.param_groups, steps)
+    if reasons[mode] is not None:
+        if all(reasons.values()):
+            return DIVERGES, f"no SGS mode is exact here (ran {mode!r}): " + "; ".join(f"{m}: {r}" for m, r in reasons.items())
+        return DIVERGES, reasons[mode]
     return EXACT, why_exact(optimizer, optimizer.param_groups, mode, steps)
 
 
 # -- what is recorded every step ---------------------------------------------------------------
-View = Callable[[], list[Tensor]]
-
-
 class _Recorder:
     """Per step, side and layer: deviation from the branched side, and how far the side moved."""
 
-    def __init__(self, sides: list[Side], plain_layers: list[PlainLayer]) -> None:
-        names = [layer.block_name for layer in plain_layers]
+    def __init__(self, sides: list[Side], layers: list[LayerPair]) -> None:
+        names = [layer.block_name for layer in layers]
         models = {side.name: side.model for side in sides}
         branched, plain = models["branched"], models["sgs"]
         self.views: dict[str, dict[str, View]] = {}
         for name, model in models.items():
             if name == "sgs":
-                views = {layer.block_name: layer.tensors for layer in plain_layers}
+                views = {layer.block_name: layer.plain for layer in layers}
                 pairs = _other_parameters(branched, plain, names)
                 views[OTHER] = lambda pairs=pairs: [theirs for _, _, theirs in pairs]
             else:
-                views = self._branched_views(model, names, plain)
+                views = {layer.block_name: functools.partial(layer.branched, model) for layer in layers}
+                # only what the plain model also has, so every side compares the same "other" tensors
+                pairs = _other_parameters(model, plain, names)
+                views[OTHER] = lambda pairs=pairs: [mine for _, mine, _ in pairs]
             self.views[name] = views
         self.reference = self.views["branched"]
         self.start: dict[tuple[str, str], list[Tensor]] = {}
-
-    @staticmethod
-    def _branched_views(model: nn.Module, names: list[str], plain: nn.Module) -> dict[str, View]:
-        views: dict[str, View] = {n: functools.partial(block_tensors, model.get_submodule(n)) for n in names}
-        # only what the plain model also has, so every side compares the same "other" tensors
-        pairs = _other_parameters(model, plain, names)
-        views[OTHER] = lambda pairs=pairs: [mine for _, mine, _ in pairs]
-        return views
 
     @torch.no_grad()
     def observe(self, step: int) -> list[dict]:
@@ -404,9 +470,9 @@ def plot_model_deviation(result: ModelVerification, path: Path) -> Path:
     for layer, part in sgs.groupby("layer", sort=False):
         if layer != worst:
             ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color="grey", alpha=0.35, linewidth=0.8)
-    colour = VERDICT_COLOURS.get(result.verdict, "black")
+    colour = {**VERDICT_COLOURS, ILL_CONDITIONED: "tab:brown"}.get(result.verdict, "black")
     part = sgs[sgs.layer == worst]
-    ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color=colour, linewidth=2, label=f"SGS, worst layer ({worst})")
+    ax.plot(part.step, part.rel_dev.clip(lower=1e-17), color=colour, linewidth=2, label=f"SGS, worst layer: {worst}")
     floor = twin.groupby("step").rel_dev.max()
     ax.plot(floor.index, floor.clip(lower=1e-17), color="black", linestyle="-.", linewidth=1.5,
             label=f"noise floor ({result.floor_side} twin, all layers)")
@@ -491,22 +557,23 @@ def verify_model(
     started = time.perf_counter()
     model, label = _load(model_or_spec, dtype, device, seed)
     branched, how = _branched(model, block, bn)
-    plain, sgs_masks, constants = conversion = to_sgs(branched, warn=False)
-    sgs_masks, injected = _replace_masks(sgs_masks, masks)
-    names = [row.block_name for row in conversion.report.layers]
+    counterpart = _counterpart(branched)
+    sgs_masks, injected = _replace_masks(counterpart.masks, masks)
+    names = [layer.block_name for layer in counterpart.layers]
     floor_side, twin = _rounding_twin(branched, names, floor, seed)
     batches, classes = _batches(branched, steps, batch_size, image_size, dtype, device, seed)
-    sides = [_side(n, m, opt_spec, sched_spec) for n, m in (("branched", branched), (floor_side, twin), ("sgs", plain))]
-    handle = _attach(sides[-1], sgs_masks, constants)
-    expected = _expectation(conversion.report, sides[-1].optimizer, handle.mode, steps, injected)
-    recorder = _Recorder(sides, _plain_layers(plain, conversion.report))
+    sides = [_side(n, m, opt_spec, sched_spec)
+             for n, m in (("branched", branched), (floor_side, twin), ("sgs", counterpart.model))]
+    handle = _attach(sides[-1], sgs_masks, counterpart.constants)
+    expected = _expectation(counterpart, sides[-1].optimizer, handle.mode, steps, injected)
+    recorder = _Recorder(sides, counterpart.layers)
     try:
         with tqdm(total=steps, desc="verify --model", unit="step", disable=not progress, leave=False) as bar:
             observe = lambda step: (bar.update(step > 0), recorder.observe(step))[1]
             per_step = pd.DataFrame(run_lockstep(sides, batches, _loss, steps, observe, observe_start=True))
     finally:
         handle.remove()
-    layers = {row.block_name: (row.block, row.bn) for row in conversion.report.layers}
+    layers = {layer.block_name: (layer.kind, layer.bn) for layer in counterpart.layers}
     summary = _summary(per_step, floor_side, layers, expected, dtype)
     overall = summary.iloc[-1]
     metadata = dict(model=label, conversion=how, block=block, bn=bn, optimizer=str(opt_spec),

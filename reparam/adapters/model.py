@@ -34,11 +34,13 @@ def find_blocks(model: nn.Module, include_native: bool = False) -> list[tuple[st
     return found
 
 
-def inside_blocks(model: nn.Module) -> set[str]:
-    """Qualified names of every module inside a recognised branched block (the blocks included)."""
-    names = set()
+def inside_blocks(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Every module inside a recognised branched block (the blocks included): qualified name ->
+    ``(block name, block kind)``."""
+    names: dict[str, tuple[str, str]] = {}
     for prefix, adapter in find_blocks(model, include_native=True):
-        names.update(f"{prefix}.{n}" if n else prefix for n, _ in adapter.block.named_modules())
+        for n, _ in adapter.block.named_modules():
+            names[f"{prefix}.{n}" if n else prefix] = (prefix, adapter.kind)
     return names
 
 
@@ -91,10 +93,13 @@ def to_sgs_foreign(model: nn.Module, *, inplace: bool = False) -> ForeignSGS:
     """Deploy form of every recognised block plus what SGS needs to train it: ``masks[w]`` (exact
     ``J J^T`` where the block is linear in its parameters, else the mask-sum), ``constants[w]``
     (``C``, for weight decay), bias masks (keyed by the bias name) where the bias gradient is
-    scaled; a bias no trainable parameter moves is frozen (``requires_grad=False``)."""
+    scaled; a bias no trainable parameter moves is frozen (``requires_grad=False``). A frozen
+    block (no trainable parameter) gives a frozen conv and no mask."""
     result = _deploy_all(model, inplace)
     for layer in result.layers:
         a = layer.analysis
+        if not result.model.get_parameter(layer.weight).requires_grad:
+            continue
         result.masks[layer.weight] = a.mask
         if a.constant is not None:
             result.constants[layer.weight] = a.constant

@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "SGS against the noise floor measured in the same run (--bn takes one placement, default after; --steps "
         f"defaults to {DEFAULT_STEPS}; reports verify_model.* in --out; exit 3: too ill-conditioned to judge)")
     group.add_argument("--model", metavar="SPEC", default=None,
-                       help="torchvision:<name> or module:callable (random weights); converted unless already branched")
+                       help="torchvision:<name>, timm:<name> or module:callable (random weights); converted unless "
+                       "already branched")
     group.add_argument("--block", choices=list(BLOCKS), default="acb", help="block each conv becomes (default: acb)")
     group.add_argument("--optimizer", default="SGD(lr=0.1, momentum=0.9)", metavar="SPEC",
                        help="any torch.optim optimizer with keyword literals (default: 'SGD(lr=0.1, momentum=0.9)')")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 from reparam.cli._convert_common import INTERRUPTED, add_model_arguments, fail
@@ -59,7 +60,8 @@ def _checked_outputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     from reparam.cli._convert_common import printed_warnings
-    from reparam.convert import convert_model, load_model, save_masks, to_sgs
+    from reparam.convert import NothingToConvertWarning, convert_model, load_model, save_masks, to_sgs
+    from reparam.convert.foreign import layer_metadata, outcome_line
     from reparam.convert.plot import plot_masks
     from reparam.convert.report import mask_groups_text
     from reparam.errors import ReparamError
@@ -68,15 +70,19 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return fail("masks", problem)
     try:
-        with printed_warnings("masks"):
+        with printed_warnings("masks"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NothingToConvertWarning)  # the error below says it in one line
             model = convert_model(load_model(args.model), args.block, args.bn,
                                   include=args.include, exclude=args.exclude)
-        sgs = to_sgs(model, warn=False)
+            sgs = to_sgs(model, warn=False)
         if not sgs.masks:
-            return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
-        meta = {"model": args.model, "block": args.block, "bn": args.bn}
+            return fail("masks", f"no masks for {args.model}: no conv was converted (see --include/--exclude) and "
+                                 "the model has no trainable branched block reparam recognises")
+        happened = outcome_line(model.reparam_report, sgs.report)
+        meta = {"model": args.model, "block_requested": args.block, "bn_requested": args.bn, "outcome": happened,
+                "layers": layer_metadata(sgs.report)}
         if plot:
-            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} bn={args.bn}")
+            plot_masks(sgs.report, plot, title=f"{args.model}: {happened}")
         save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
     except ReparamError as err:
         return fail("masks", err)
@@ -85,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return fail("masks", "interrupted", status=INTERRUPTED)
     print(mask_groups_text(sgs.report))
+    print(happened)
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0

@@ -1,9 +1,11 @@
-"""Resolve a model spec: ``torchvision:<name>`` (random weights, never downloads) or
-``module:callable`` (import ``module``, call ``callable()`` with no arguments). ``module`` is
-looked up in the current directory too, as ``python -m`` does, so the ``reparam`` console
-script finds ``./mynets.py``."""
+"""Resolve a model spec: ``torchvision:<name>`` / ``timm:<name>`` (random weights, never
+downloads; ``timm:<name>?key=value&k2=v2`` passes model keyword arguments, values parsed as
+Python literals, else strings) or ``module:callable`` (import ``module``, call ``callable()``
+with no arguments). ``module`` is looked up in the current directory too, as ``python -m``
+does, so the ``reparam`` console script finds ``./mynets.py``."""
 from __future__ import annotations
 
+import ast
 import importlib
 import os
 import sys
@@ -14,7 +16,10 @@ from torch import nn
 from reparam.convert.graph import error_line
 from reparam.errors import ConversionError
 
-SPEC_HELP = "use 'torchvision:<name>' (e.g. torchvision:resnet18) or 'module:callable' (e.g. mypkg.nets:make_net)"
+SPEC_HELP = (
+    "use 'torchvision:<name>' (e.g. torchvision:resnet18), 'timm:<name>[?key=value&...]' (e.g. timm:repvgg_a0) "
+    "or 'module:callable' (e.g. mypkg.nets:make_net)"
+)
 
 
 def load_model(spec: str) -> nn.Module:
@@ -28,6 +33,8 @@ def load_model(spec: str) -> nn.Module:
         raise ConversionError(f"model spec {spec!r} is incomplete; {SPEC_HELP}")
     if source == "torchvision":
         model = _torchvision_model(name)
+    elif source == "timm":
+        model = _timm_model(name, spec)
     else:
         model = _callable_model(source, name, spec)
     if not isinstance(model, nn.Module):
@@ -48,6 +55,42 @@ def _torchvision_model(name: str) -> nn.Module:
         hint = f"; did you mean one of {close}?" if close else ""
         raise ConversionError(f"torchvision has no classification model {name!r}{hint}")
     return torchvision.models.get_model(name, weights=None)
+
+
+def _timm_kwargs(query: str, spec: str) -> dict:
+    """``key=value&k2=v2`` -> ``{key: literal(value)}`` (a value that is no Python literal stays a string)."""
+    kwargs = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise ConversionError(f"model spec {spec!r}: {item!r} is not key=value (e.g. timm:repvgg_a0?num_classes=10)")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _timm_model(name: str, spec: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``: random weights, no download."""
+    name, _, query = name.partition("?")
+    kwargs = _timm_kwargs(query, spec)
+    if "pretrained" in kwargs:
+        raise ConversionError(f"model spec {spec!r}: pretrained weights are never downloaded; drop 'pretrained'")
+    try:
+        import timm
+    except ImportError:
+        raise ConversionError(
+            f"model spec {spec!r} needs timm, which is not installed (pip install 'reparam[timm]' or pip install timm)"
+        ) from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"{name[:4]}*")[:8]
+        hint = f"; did you mean one of {close}?" if close else ""
+        raise ConversionError(f"timm has no model {name!r}{hint}")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, KeyError, AssertionError) as err:
+        raise ConversionError(f"model spec {spec!r}: timm.create_model rejected the arguments {kwargs}: {err}") from None
 
 
 def _import_with_cwd(module_name: str) -> ModuleType:

@@ -19,6 +19,13 @@ from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import ConvBranch
+from reparam.convert.foreign import (
+    add_foreign_sgs,
+    fuse_foreign_blocks,
+    has_branched_blocks,
+    inside_reasons,
+    warn_nothing,
+)
 from reparam.convert.graph import (
     DataflowPairs,
     UntraceableModelWarning,
@@ -192,7 +199,7 @@ def _run_example(model: nn.Module, args: tuple, what: str, watch: bool) -> tuple
         if watch:
             used, output = parameters_used_outside(model, args)
             return output, used
-        return _eval_output(model, *args), set()
+        return eval_output(model, *args), set()
     except Exception as err:  # noqa: BLE001 - any failure of the user's forward is reported as such
         raise ConversionError(
             f"convert_model: {what} fails on example_input of shape {_shapes(args)} ({error_line(err)})"
@@ -234,6 +241,7 @@ class ConvertJob:
     include: list[str]
     exclude: list[str]
     preserve: bool
+    inside: dict[str, str]  # convs inside recognised branched blocks -> why they are left alone
 
     @classmethod
     def start(cls, target: nn.Module, block: str, bn: str, include: str | Sequence[str] | None,
@@ -244,7 +252,7 @@ class ConvertJob:
         if bn not in BN_PLACEMENTS:
             raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
         return cls(target, find_conv_bn_pairs(target), _names_by_module(target), block, bn,
-                   _patterns(include), _patterns(exclude), preserve)
+                   _patterns(include), _patterns(exclude), preserve, inside_reasons(target))
 
 
 @dataclass
@@ -280,7 +288,7 @@ def _layer_row(job: ConvertJob, name: str, new: ReparamBlock, bn_name: str | Non
 def convert_layer(job: ConvertJob, name: str, conv: nn.Conv2d) -> tuple[ConvertedLayer, LayerSwap] | SkippedLayer:
     """Decide one conv: why it is skipped, or the block (initialized, flags carried over) that
     replaces it with the report row. Changes nothing in ``job.target``."""
-    reason = _skip_reason(name, conv, job.include, job.exclude)
+    reason = job.inside.get(name) or _skip_reason(name, conv, job.include, job.exclude)
     direct = reads_attributes_of(job.dataflow, name) if reason is None else []
     if direct:
         reason = f"{DIRECT_READ} {', '.join(direct)} directly; a block has no such attribute"
@@ -364,6 +372,8 @@ def convert_model(
                 report.converted.append(outcome[0])
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
+    if not report.converted and not has_branched_blocks(target):
+        warn_nothing("convert_model", target, f"no eligible nn.Conv2d ({len(report.skipped)} skipped, see the report)")
     if not job.dataflow.traced:
         direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
         warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
@@ -392,7 +402,7 @@ def max_output_difference(a: Any, b: Any) -> float:
 
 
 @torch.no_grad()
-def _eval_output(model: nn.Module, *args: Any) -> Any:
+def eval_output(model: nn.Module, *args: Any) -> Any:
     """``model(*args)`` in eval mode; every module's own train/eval flag is restored after."""
     modes = {module: module.training for module in model.modules()}
     model.eval()
@@ -404,11 +414,11 @@ def _eval_output(model: nn.Module, *args: Any) -> Any:
 
 
 def fuse_block(block: ReparamBlock) -> nn.Conv2d:
-    """``block.fuse()`` with the block's flags: the conv trains (weight: any parameter but the
-    block bias trains; bias: any parameter trains) and is in the block's mode."""
+    """``block.fuse()`` with the block's flags and mode: the weight trains iff a kernel parameter
+    does (a frozen conv gives a frozen conv), the bias iff any parameter does."""
     fused = block.fuse()
     fused.train(block.training)
-    fused.weight.requires_grad_(any(p.requires_grad for p in block.parameters() if p is not block.bias))
+    fused.weight.requires_grad_(any(p.requires_grad for p in _kernel_parameters(block)))
     fused.bias.requires_grad_(any(p.requires_grad for p in block.parameters()))
     return fused
 
@@ -428,7 +438,7 @@ def fuse_model(
     ``(model, max_abs_diff)`` with a ``DeprecationWarning``.
     """
     target = model if inplace else copy.deepcopy(model)
-    reference = _eval_output(target, probe) if probe is not None else None
+    reference = eval_output(target, probe) if probe is not None else None
     names = _names_by_module(target)
     report = FuseReport()
     for name, block in _blocks(target):
@@ -436,8 +446,11 @@ def fuse_model(
         for alias in names[id(block)]:
             _set_module(target, alias, fused)
         report.fused.append(name)
+    fuse_foreign_blocks(target, report)
+    if not report.fused:
+        warn_nothing("fuse_model", target, "no block to fuse")
     if probe is not None:
-        report.max_abs_diff = max_output_difference(reference, _eval_output(target, probe))
+        report.max_abs_diff = max_output_difference(reference, eval_output(target, probe))
     if return_report:
         return FuseResult(target, report)
     if probe is not None:
@@ -573,6 +586,9 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
             block_name=name, weight=weight_name, block=type(block).__name__, bn=block.bn,
             mask=mask.double().tolist(), exact=exact, reasons=reasons, has_constant=has_constant, frozen=not trains,
         ))
+    add_foreign_sgs(target, result)
+    if not result.report.layers:
+        warn_nothing("to_sgs", target, "no block to turn into a plain conv with a mask")
     if warn and result.report.approximate:
         warnings.warn(_sgs_warning(result.report), NotEquivalentWarning, stacklevel=2)
     return result

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
+from reparam.convert.foreign import NothingToConvertWarning, has_branched_blocks, outcome_line
 from reparam.convert.graph import error_line
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import save_masks
-from reparam.convert.model import convert_model, fuse_model, max_output_difference, to_sgs
+from reparam.convert.model import convert_model, eval_output, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport
 from reparam.convert.results import FuseResult, SGSConversion
 from reparam.errors import ConfigError, ConversionError
@@ -79,6 +80,9 @@ class ConvertRun:
     output_scale: float  # max |branched(probe)|, to make the fused difference relative
     preserve_diff: float | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    deploy: nn.Module | None = None  # what fused.safetensors holds (see deploy_model)
+    deploy_layout: str = "fuse_model"  # "original": the original model's names; "fuse_model": fuse_model's
+    deploy_diff: float | None = None  # max |deploy(probe) - branched(probe)| (eval mode)
 
     def summary(self) -> dict[str, Any]:
         o, fused_diff = self.options, self.fused.report.max_abs_diff
@@ -89,6 +93,8 @@ class ConvertRun:
             "dtype": str(self.dtype).replace("torch.", ""),
             "max_abs_diff_fused_vs_branched": fused_diff,
             "max_rel_diff_fused_vs_branched": fused_diff / self.output_scale,
+            "fused_file_layout": self.deploy_layout,
+            "max_abs_diff_fused_file_vs_branched": self.deploy_diff,
             "max_abs_diff_branched_vs_original": self.preserve_diff,
             "branched_vs_original_on": None if o.fresh else PRESERVE_CHECK.format(seed=o.seed),
             "converted": len(self.report.converted),
@@ -158,6 +164,18 @@ def _probe(options: ConvertOptions, original: nn.Module) -> Tensor:
     return probe
 
 
+def deploy_model(original: nn.Module, fused: nn.Module, plain: nn.Module) -> tuple[nn.Module, str]:
+    """What ``fused.safetensors`` holds: the plain model (:func:`to_sgs`: one conv per block, BNs
+    back in their slots, eval-equal to the branched model) when its state dict has exactly the
+    original model's names and shapes, so it loads strictly into the original architecture
+    (``"original"``); else the :func:`fuse_model` model (``"fuse_model"``: it loads into
+    ``fuse_model(convert_model(original, ...))``, e.g. after ``bn="none"`` folded a BN away)."""
+    reference, state = original.state_dict(), plain.state_dict()
+    if state.keys() == reference.keys() and all(state[k].shape == reference[k].shape for k in reference):
+        return plain, "original"
+    return fused, "fuse_model"
+
+
 def _preservation_check(options: ConvertOptions, original: nn.Module, probe: Tensor) -> float | None:
     """``max |branched - original|`` on a copy whose BatchNorms are not the identity (so the check can fail)."""
     with warnings.catch_warnings():
@@ -178,9 +196,14 @@ def convert_workflow(options: ConvertOptions) -> ConvertRun:
     if options.float64:
         original = original.double()
     probe = _probe(options, original)
-    model, report = convert_model(original, options.block, options.bn, include=options.include,
-                                  exclude=options.exclude, preserve=not options.fresh, example_input=probe,
-                                  return_report=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToConvertWarning)  # raised below as a one-line error
+        model, report = convert_model(original, options.block, options.bn, include=options.include,
+                                      exclude=options.exclude, preserve=not options.fresh, example_input=probe,
+                                      return_report=True)
+    if not report.converted and not has_branched_blocks(model):
+        raise ConversionError(f"nothing to convert in {options.model}: no eligible conv ({len(report.skipped)} "
+                              "skipped, see --include/--exclude) and no branched block reparam recognises")
     model.eval()
     with torch.no_grad():
         branched_out = model(probe)
@@ -190,6 +213,10 @@ def convert_workflow(options: ConvertOptions) -> ConvertRun:
         output_scale=max(max_output_difference(branched_out, branched_out * 0), 1e-30),
         metadata={"model": options.model, "block": options.block, "bn": options.bn},
     )
+    run.deploy, run.deploy_layout = deploy_model(original, run.fused.model, run.sgs.model)
+    run.deploy_diff = max_output_difference(branched_out, eval_output(run.deploy, probe))
+    run.metadata["fused_layout"] = run.deploy_layout
+    run.metadata["outcome"] = outcome_line(report, run.sgs.report)
     if not options.fresh:
         run.preserve_diff = _preservation_check(options, original, probe)
     return run
@@ -208,7 +235,7 @@ def _save_state_dict(model: nn.Module, path: str, meta: dict[str, str]) -> None:
 def _write_all(run: ConvertRun, folder: str, files: dict[str, str]) -> None:
     here = {name: os.path.join(folder, name) for name in FILES}
     _save_state_dict(run.model, here["branched.safetensors"], run.metadata)
-    _save_state_dict(run.fused.model, here["fused.safetensors"], run.metadata)
+    _save_state_dict(run.deploy, here["fused.safetensors"], run.metadata)
     save_masks(here["masks.safetensors"], run.sgs.masks, model=run.sgs.model, constants=run.sgs.constants,
                metadata=run.metadata)
     with open(here["report.json"], "w") as handle:

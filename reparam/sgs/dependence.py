@@ -204,6 +204,12 @@ class _Statistic:
         self._unhealthy = bool(self._reduced[1].item())
 
     @property
+    def state_bytes(self) -> int:
+        """Memory the statistic holds (range maps, counts or sums): independent of the number of batches."""
+        tensors = [v for v in vars(self).values() if isinstance(v, Tensor)] + [self.ranges.lo, self.ranges.hi]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    @property
     def seen(self) -> bool:
         return self.ranges.lo is not None and self.ranges.images > 0
 
