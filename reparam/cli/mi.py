@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
-from reparam.cli._convert_common import fail
+from reparam.cli._convert_common import INTERRUPTED, fail
 from reparam.sgs.dependence import MEASURES
 
 
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         masks = _compute(args, model)
         _save(args, model, masks)
+    except KeyboardInterrupt:
+        print("\nreparam mi: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except ReparamError as err:
         return fail("mi", err)
     except OSError as err:
