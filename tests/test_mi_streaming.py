@@ -197,3 +197,14 @@ def test_state_does_not_grow_with_batches(diagonal_removal):
             assert diagonal_removal or sturges_bins(most_pairs) + 1 == s.width  # (diagonal removal: fewer pairs)
             extra = D * 5 * C * 8 if diagonal_removal else 0  # per-displacement non-zero ranges
             assert s.state_bytes == 2 * C * H * W * 4 + D * C * B * B * 8 + D * C * 8 + extra  # + pairs per (D, C)
+
+
+def test_conv_subclass_with_its_own_forward_is_named():
+    class PadInside(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+    model = nn.Sequential(PadInside(3, 2, 3), nn.Conv2d(2, 2, 3, padding=1))
+    masks, warned = quiet_masks(model, batches())
+    assert set(masks) == {"0.weight", "1.weight"}
+    assert any("0.weight" in w and "forward()" in w and "1.weight" not in w for w in warned)

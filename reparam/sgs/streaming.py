@@ -232,6 +232,12 @@ def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K
 
 
 def _check_shared(convs: dict[str, list[nn.Conv2d]]) -> None:
+    """One geometry per weight; a warning for conv subclasses with their own ``forward`` (e.g. timm's
+    ``Conv2dSame`` pads inside it, so the statistic sees the map unpadded)."""
+    custom = sorted(name for name, mods in convs.items() if any(type(m).forward is not nn.Conv2d.forward for m in mods))
+    if custom:
+        warnings.warn(f"conv subclasses with their own forward(): {', '.join(custom)}; their maps are measured as they "
+                      "enter forward() (padding done inside forward() is not seen)", DependenceWarning, stacklevel=4)
     for name, mods in convs.items():
         geometries = {(m.kernel_size, m.dilation) for m in mods}
         if len(geometries) > 1:
