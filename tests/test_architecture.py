@@ -26,7 +26,7 @@ ALLOWED = {
     "verification": {"reparam.errors", "reparam.kernels", "reparam.blocks", "reparam.sgs", "reparam.pgt",
                      "reparam.adapters", "reparam.convert", "reparam.images", "reparam"},
     "benchmarks": {"reparam.errors", "reparam.kernels", "reparam.blocks", "reparam.sgs", "reparam.adapters",
-                   "reparam.convert", "reparam.images", "reparam"},
+                   "reparam.convert", "reparam.images", "reparam", "verification"},
     # the command line sits on top and may import everything
 }
 PROJECT = ("reparam", "verification", "benchmarks")
