@@ -89,9 +89,16 @@ def _dynamic(rank, out):
 def _fsdp2(rank, out, notes):
     """FSDP2: attach_sgs on DTensor parameters (expected to fail: recorded), and the documented
     workaround, G applied to each rank's local shard in a step pre-hook."""
-    from torch.distributed.fsdp import fully_shard
-
     from reparam import attach_sgs
+
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard  # torch 2.4-2.5
+        except ImportError:
+            notes["fsdp2"] = "unavailable"
+            return
 
     _, plain, mask = _models()
     fully_shard(plain)
@@ -171,6 +178,8 @@ def test_dynamic_sgs_under_ddp_computes_g_on_the_union_of_the_ranks_batches(rank
 
 def test_fsdp2_attach_sgs_limit_and_local_shard_workaround(ranks):
     (r0, n0), (r1, _) = ranks
+    if n0.get("fsdp2") == "unavailable":
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
     assert n0["attach_sgs"] == "ok" or "DTensor" in n0["attach_sgs"]
     assert torch.equal(r0["fsdp2"], r1["fsdp2"])
     assert _rel(r0["fsdp2"], r0["merged"]) <= 1e-10

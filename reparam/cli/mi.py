@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
-from reparam.cli._convert_common import fail
+from reparam.cli._convert_common import INTERRUPTED, fail
 from reparam.sgs.dependence import MEASURES
 
 
@@ -93,10 +94,12 @@ def _image_problem(source: str) -> str | None:
 def _model_problem(model) -> str | None:
     from torch import nn
 
+    from reparam.sgs.streaming import qualifying_convs
+
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     if first.in_channels != 3:
         return f"the model's first conv takes {first.in_channels} channels; the images are RGB (3)"
-    if not any(isinstance(m, nn.Conv2d) and min(m.kernel_size) > 1 for m in model.modules()):
+    if not qualifying_convs(model):
         return "the model has no conv with a kernel larger than 1 in both directions, so there is no G to compute"
     return None
 
@@ -118,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         masks = _compute(args, model)
         _save(args, model, masks)
+    except KeyboardInterrupt:
+        print("\nreparam mi: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except ReparamError as err:
         return fail("mi", err)
     except OSError as err:
