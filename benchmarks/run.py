@@ -13,10 +13,8 @@ run goes on; rows not started within ``time_budget`` seconds are recorded as ``s
 from __future__ import annotations
 
 import datetime as _dt
-import signal
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,6 +27,7 @@ from benchmarks.environment import apply_backend_flags, collect, usable_cores
 from benchmarks.row import Row
 from benchmarks.variants import BuildCache, resolve_variants
 from reparam.convert import load_model
+from reparam.errors import sigterm_as_interrupt
 
 DEFAULT_MODELS = ("vgg16_bn", "resnet18")
 DEFAULT_SIZES = ((32, 128), (224, 64))  # CIFAR and ImageNet: (image size, batch size)
@@ -179,18 +178,6 @@ def row_line(row: Row) -> str:
     return line
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (e.g. ``timeout``) like Ctrl-C so finished rows and the chart are kept.
-    Returns the previous handler, or None when not in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_interrupt)
-
-
 def _environment(plan: Plan) -> dict:
     opts = plan.opts
     if opts.threads:
@@ -250,23 +237,22 @@ def run_benchmark(plan: Plan, echo: Callable[[str], None] = print, cache: BuildC
     deadline = None if plan.opts.time_budget is None else time.monotonic() + plan.opts.time_budget
     rows: list[Row] = []
     write, advance, close = _progress(plan, echo)
-    previous_sigterm = _sigterm_as_interrupt()
     try:
-        for row in plan.rows:
-            if deadline is not None and time.monotonic() > deadline:
-                rows.append(row.fail("skipped", f"not started: the --time-budget of {plan.opts.time_budget:g} s was spent"))
-            else:
-                row = _measure(row, plan, cache)
-                row.warning = "; ".join(report.row_warnings(row, cores)) or None
-                rows.append(row)
-                _save(rows, environment, plan)
-                write(row_line(row))
-            advance(row)
+        with sigterm_as_interrupt():  # `timeout` or a scheduler stops it like Ctrl-C: finished rows are kept
+            for row in plan.rows:
+                if deadline is not None and time.monotonic() > deadline:
+                    budget = plan.opts.time_budget
+                    rows.append(row.fail("skipped", f"not started: the --time-budget of {budget:g} s was spent"))
+                else:
+                    row = _measure(row, plan, cache)
+                    row.warning = "; ".join(report.row_warnings(row, cores)) or None
+                    rows.append(row)
+                    _save(rows, environment, plan)
+                    write(row_line(row))
+                advance(row)
     except KeyboardInterrupt:
         environment["interrupted"] = True
     finally:
-        if previous_sigterm is not None:
-            signal.signal(signal.SIGTERM, previous_sigterm)
         close()
         paths = _save(rows, environment, plan)
     return BenchResult(rows, environment, paths, environment["interrupted"], report.run_warnings(rows, environment))

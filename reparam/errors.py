@@ -1,6 +1,13 @@
-"""Exceptions raised by reparam. All are ``ValueError`` subclasses so that callers
-that validate input generically keep working."""
+"""Exceptions and warnings raised by reparam. Every error is a ``ValueError`` subclass so that
+callers that validate input generically keep working; every warning is a :class:`ReparamWarning`.
+Also the two helpers every front end uses to report them: :func:`error_line` (one line per error)
+and :func:`sigterm_as_interrupt` (SIGTERM handled like Ctrl-C, so finished work is kept)."""
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
 
 
 class ReparamError(ValueError):
@@ -36,5 +43,54 @@ class MaskFileError(ReparamError):
     schema) or does not fit the model it is loaded into (missing layers, wrong shapes)."""
 
 
-class NotEquivalentWarning(UserWarning):
+class ReparamWarning(UserWarning):
+    """Base class of every warning reparam raises: filter them all with
+    ``warnings.simplefilter("ignore", ReparamWarning)``."""
+
+
+class NotEquivalentWarning(ReparamWarning):
     """SGS is applied in a way that does not reproduce branched training exactly (``strict=False``)."""
+
+
+class UntraceableModelWarning(ReparamWarning):
+    """``convert_model`` could not trace the model with torch.fx and fell back to converting
+    without absorbing any BatchNorm; the message says why and what the fallback did."""
+
+
+class BatchNormNotAbsorbedWarning(ReparamWarning):
+    """``convert_model`` was asked for ``bn="branch"``/``"after"`` but some convs have no
+    BatchNorm it can absorb; they became ``bn="none"`` blocks. The message names them and why."""
+
+
+class MaskFileWarning(ReparamWarning):
+    """A mask file was applied only partly (``allow_missing=True``), or part of it (its
+    constant kernels) was not returned."""
+
+
+class DependenceWarning(ReparamWarning):
+    """A layer's dependence could not be measured (dead layer, NaN/inf in its input, no pairs left):
+    its ``G`` is all ones (plain training for that layer), and the warning names it."""
+
+
+def error_line(err: BaseException) -> str:
+    """``Type: message`` of ``err``: its first line, at most 300 characters."""
+    return f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``timeout``, a job scheduler) like Ctrl-C for the duration, so that the
+    caller's ``except KeyboardInterrupt`` keeps what finished. The previous handler is restored;
+    outside the main thread (where signals cannot be handled) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from reparam.cli._convert_common import INTERRUPTED, add_model_arguments, fail
+from reparam.cli._common import INTERRUPTED, fail, output_folder_problem, printed_warnings
+from reparam.cli._convert_common import add_model_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -56,7 +57,6 @@ def _print_run(result: Any, files: dict[str, str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reparam.cli._convert_common import output_folder_problem, printed_warnings
     from reparam.convert.workflow import ConvertOptions, convert_workflow, write_outputs
     from reparam.errors import ReparamError
 

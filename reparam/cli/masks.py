@@ -12,7 +12,8 @@ import os
 import warnings
 from typing import Any
 
-from reparam.cli._convert_common import INTERRUPTED, add_model_arguments, fail
+from reparam.cli._common import INTERRUPTED, fail, prepare_output, printed_warnings
+from reparam.cli._convert_common import add_model_arguments
 
 
 def register(subparsers: Any) -> None:
@@ -49,8 +50,6 @@ def _checked_outputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
         plot, problem = _plot_path(args.plot)
         if problem:
             return None, problem
-    from reparam.cli._convert_common import prepare_output
-
     for path in filter(None, (args.out, plot)):
         problem = prepare_output(path)
         if problem:
@@ -59,7 +58,6 @@ def _checked_outputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reparam.cli._convert_common import printed_warnings
     from reparam.convert import NothingToConvertWarning, convert_model, load_model, save_masks, to_sgs
     from reparam.convert.foreign import layer_metadata, outcome_line
     from reparam.convert.plot import plot_masks

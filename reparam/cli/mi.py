@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from reparam.cli._convert_common import INTERRUPTED, fail
+from reparam.cli._common import INTERRUPTED, fail, prepare_output
 from reparam.sgs.dependence import MEASURES
 
 
@@ -53,7 +53,6 @@ def depth_plot_path(plot: str) -> str:
 
 def _argument_problem(args: argparse.Namespace) -> str | None:
     """The first bad argument, as one line (checked before any model is built)."""
-    from reparam.cli._convert_common import prepare_output
 
     for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size),
                         ("--image-size", args.image_size), ("--max-layers", args.max_layers)):

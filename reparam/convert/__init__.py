@@ -13,9 +13,7 @@
 """
 from reparam.convert.foreign import NothingToConvertWarning
 from reparam.convert.graph import (
-    BatchNormNotAbsorbedWarning,
     DataflowPairs,
-    UntraceableModelWarning,
     find_conv_bn_pairs,
     parameters_used_outside,
     reads_attributes_of,
@@ -23,7 +21,6 @@ from reparam.convert.graph import (
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import (
     MaskFile,
-    MaskFileWarning,
     load_masks,
     read_mask_file,
     save_masks,
@@ -32,6 +29,7 @@ from reparam.convert.maskfile import (
 from reparam.convert.model import ConvBN, convert_model, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
+from reparam.errors import BatchNormNotAbsorbedWarning, MaskFileWarning, UntraceableModelWarning
 
 __all__ = [
     "BatchNormNotAbsorbedWarning",

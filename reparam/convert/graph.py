@@ -37,15 +37,7 @@ import torch.fx
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-
-class UntraceableModelWarning(UserWarning):
-    """``convert_model`` could not trace the model with torch.fx and fell back to converting
-    without absorbing any BatchNorm; the message says why and what the fallback did."""
-
-
-class BatchNormNotAbsorbedWarning(UserWarning):
-    """``convert_model`` was asked for ``bn="branch"``/``"after"`` but some convs have no
-    BatchNorm it can absorb; they became ``bn="none"`` blocks. The message names them and why."""
+from reparam.errors import error_line
 
 
 @dataclass
@@ -59,11 +51,6 @@ class DataflowPairs:
     why_not: dict[str, str] = field(default_factory=dict)  # conv name -> why its BN was not absorbed
     attributes: set = field(default_factory=set)  # qualified names of parameters/buffers read directly
     kinds: dict[str, str] = field(default_factory=dict)  # BN qualified name -> norm_kind of an absorbed BN
-
-
-def error_line(err: BaseException) -> str:
-    """``Type: message`` of ``err``: its first line, at most 300 characters."""
-    return f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]
 
 
 #: the kinds :func:`norm_kind` returns for absorbable modules

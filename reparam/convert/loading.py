@@ -13,8 +13,7 @@ from types import ModuleType
 
 from torch import nn
 
-from reparam.convert.graph import error_line
-from reparam.errors import ConversionError
+from reparam.errors import ConversionError, error_line
 
 SPEC_HELP = (
     "use 'torchvision:<name>' (e.g. torchvision:resnet18), 'timm:<name>[?key=value&...]' (e.g. timm:repvgg_a0) "

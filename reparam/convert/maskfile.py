@@ -30,18 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from reparam.convert.results import LoadedMasks
-from reparam.errors import MaskFileError
+from reparam.errors import MaskFileError, MaskFileWarning
 
 FORMAT = "sgs-masks"
 SCHEMA_VERSION = 2
 MASK_PREFIX = "mask/"
 INDEX_PREFIX = "constant_index/"
 VALUE_PREFIX = "constant_value/"
-
-
-class MaskFileWarning(UserWarning):
-    """A mask file was applied only partly (``allow_missing=True``), or part of it (its
-    constant kernels) was not returned."""
 
 
 @dataclass

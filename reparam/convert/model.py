@@ -28,10 +28,7 @@ from reparam.convert.foreign import (
 )
 from reparam.convert.graph import (
     PLAIN,
-    BatchNormNotAbsorbedWarning,
     DataflowPairs,
-    UntraceableModelWarning,
-    error_line,
     find_conv_bn_pairs,
     looks_frozen_norm,
     norm_kind,
@@ -41,7 +38,7 @@ from reparam.convert.graph import (
 from reparam.convert.norms import AbsorbedNorm, norm_part, slot_module
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, SGSConversion
-from reparam.errors import ConfigError, ConversionError
+from reparam.errors import BatchNormNotAbsorbedWarning, ConfigError, ConversionError, UntraceableModelWarning, error_line
 from reparam.kernels import fold_batchnorm
 
 

@@ -1,7 +1,7 @@
 """The gradient form of reparameterization: masks, preconditioners, and the optimizer-side transform."""
-from reparam.errors import NotEquivalentWarning
+from reparam.errors import DependenceWarning, NotEquivalentWarning
 from reparam.sgs.attach import SGSHandle, attach_sgs
-from reparam.sgs.dependence import DependenceWarning, scaling_from_dependence, spatial_dependence
+from reparam.sgs.dependence import scaling_from_dependence, spatial_dependence
 from reparam.sgs.dynamic import PUBLISHED_SCHEDULES, DynamicSGS
 from reparam.sgs.preconditioner import SpatialPreconditioner
 from reparam.sgs.streaming import masks_from_data

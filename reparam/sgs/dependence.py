@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from reparam.errors import ConfigError
+from reparam.errors import ConfigError, DependenceWarning
 
 __all__ = [
     "DEFAULT_K",
@@ -46,11 +46,6 @@ RANGE_EPSILON = 1e-12
 Pair = tuple[int, int]
 #: a reduction a distributed driver applies to a statistic's tensor across ranks: "min", "max", "sum"
 Reduction = tuple[Tensor, str]
-
-
-class DependenceWarning(UserWarning):
-    """A layer's dependence could not be measured (dead layer, NaN/inf in its input, no pairs left):
-    its ``G`` is all ones (plain training for that layer), and the warning names it."""
 
 
 def sturges_bins(n: int | Tensor) -> int | Tensor:

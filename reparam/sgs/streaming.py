@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reparam.errors import ConfigError
+from reparam.errors import ConfigError, DependenceWarning
 from reparam.sgs.dependence import (
     DEFAULT_K,
     MEASURES,
     CorrelationStatistic,
-    DependenceWarning,
     HistogramStatistic,
     make_statistic,
     scaling_from_dependence,
