@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     plot, problem = _checked_outputs(args)
     if problem:
         return fail("masks", problem)
+    fresh = [path for path in (args.out, plot) if path and not os.path.exists(path)]
+    written: list[str] = []  # removed again on failure when this run created them
     try:
         with printed_warnings("masks"), warnings.catch_warnings():
             warnings.simplefilter("ignore", NothingToConvertWarning)  # the error below says it in one line
@@ -78,18 +80,24 @@ def run(args: argparse.Namespace) -> int:
         if not sgs.masks:
             return fail("masks", f"no masks for {args.model}: no conv was converted (see --include/--exclude) and "
                                  "the model has no trainable branched block reparam recognises")
-        happened = outcome_line(model.reparam_report, sgs.report)
-        meta = {"model": args.model, "block_requested": args.block, "bn_requested": args.bn, "outcome": happened,
-                "layers": layer_metadata(sgs.report)}
+        conversion = model.reparam_report
+        happened = outcome_line(conversion, sgs.report)  # converted convs and recognised blocks alike
+        meta = {"model": args.model, "block": args.block, "bn": args.bn, "bn_used": conversion.placements(),
+                "bn_summary": conversion.bn_summary(), "outcome": happened, "layers": layer_metadata(sgs.report)}
         if plot:
+            written.append(plot)
             plot_masks(sgs.report, plot, title=f"{args.model}: {happened}")
+        written.append(args.out)
         save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
-    except ReparamError as err:
-        return fail("masks", err)
-    except OSError as err:
-        return fail("masks", f"cannot write {plot}: {err}")
-    except KeyboardInterrupt:
-        return fail("masks", "interrupted", status=INTERRUPTED)
+    except (ReparamError, OSError, KeyboardInterrupt) as err:
+        for path in written:  # nothing half-written is left behind
+            if path in fresh and os.path.isfile(path):
+                os.remove(path)
+        if isinstance(err, KeyboardInterrupt):
+            return fail("masks", "interrupted; nothing was written", status=INTERRUPTED)
+        return fail("masks", err if isinstance(err, ReparamError) else f"cannot write {(written or [args.out])[-1]}: {err}")
+    if model.reparam_report.converted:
+        print(model.reparam_report.bn_summary())
     print(mask_groups_text(sgs.report))
     print(happened)
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))

@@ -13,6 +13,7 @@
 """
 from reparam.convert.foreign import NothingToConvertWarning
 from reparam.convert.graph import (
+    BatchNormNotAbsorbedWarning,
     DataflowPairs,
     UntraceableModelWarning,
     find_conv_bn_pairs,
@@ -33,6 +34,7 @@ from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, S
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
 
 __all__ = [
+    "BatchNormNotAbsorbedWarning",
     "ConvBN",
     "ConversionReport",
     "ConvertResult",

@@ -43,6 +43,11 @@ class UntraceableModelWarning(UserWarning):
     without absorbing any BatchNorm; the message says why and what the fallback did."""
 
 
+class BatchNormNotAbsorbedWarning(UserWarning):
+    """``convert_model`` was asked for ``bn="branch"``/``"after"`` but some convs have no
+    BatchNorm it can absorb; they became ``bn="none"`` blocks. The message names them and why."""
+
+
 @dataclass
 class DataflowPairs:
     """Result of :func:`find_conv_bn_pairs`."""

@@ -28,6 +28,7 @@ from reparam.convert.foreign import (
 )
 from reparam.convert.graph import (
     PLAIN,
+    BatchNormNotAbsorbedWarning,
     DataflowPairs,
     UntraceableModelWarning,
     error_line,
@@ -333,6 +334,21 @@ def swap_layers(target: nn.Module, names: dict[int, list[str]], swaps: Iterable[
                 _set_module(target, alias, swap.slot if swap.slot is not None else nn.Identity())
 
 
+def _warn_not_absorbed(job: ConvertJob, report: ConversionReport) -> None:
+    """One :class:`BatchNormNotAbsorbedWarning` per reason, naming every conv that got
+    ``bn="none"`` although ``job.bn`` asked for a BatchNorm (an untraceable model has its own warning)."""
+    if job.bn == "none" or not job.dataflow.traced:
+        return
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for row in report.converted:
+        if row.bn != job.bn:
+            by_reason[job.dataflow.why_not.get(row.name, "the conv is not called in the traced forward")].append(row.name)
+    for reason, layers in by_reason.items():
+        shown = ", ".join(layers[:8]) + (f", ... ({len(layers) - 8} more)" if len(layers) > 8 else "")
+        warnings.warn(f"convert_model: bn={job.bn!r} asked, but {len(layers)} conv(s) became bn='none' blocks because "
+                      f"{reason}: {shown}", BatchNormNotAbsorbedWarning, stacklevel=3)
+
+
 def convert_model(
     model: nn.Module,
     block: str = "acb",
@@ -384,6 +400,7 @@ def convert_model(
                 report.converted.append(outcome[0])
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
+    _warn_not_absorbed(job, report)
     if not report.converted and not has_branched_blocks(target):
         warn_nothing("convert_model", target, f"no eligible nn.Conv2d ({len(report.skipped)} skipped, see the report)")
     if not job.dataflow.traced:
