@@ -102,7 +102,7 @@ def test_cli_masks_labels_timm_blocks_honestly(tmp_path, capsys):
     assert "[exact]" not in text and "exact," not in text.split("\n")[1]
     assert "22 timm RepVggBlock; SGS: 22 approximate" in text
     meta = read_mask_file(path).metadata
-    assert meta["bn_requested"] == "after" and "bn" not in meta
+    assert meta["bn_used"] == {} and meta["outcome"] == "22 timm RepVggBlock; SGS: 22 approximate"
     layer = meta["layers"]["stem.reparam_conv.weight"]
     assert layer["bn"] == "branch" and layer["sgs"] == "approximate" and "BatchNorm" in layer["why"]
     json.dumps(meta)

@@ -97,11 +97,15 @@ def _train(model: nn.Module, masks=None, constants=None, steps: int = 5, seed: i
 @pytest.mark.parametrize("how", ["frozen", "removed"])
 def test_linear_variant_trains_identically(how):
     torch.manual_seed(1)
-    branched = nn.Sequential(byobnet.RepVggBlock(6, 6), byobnet.MobileOneBlock(6, 6, num_conv_branches=2))
+    branched = nn.Sequential(
+        byobnet.RepVggBlock(6, 6), byobnet.MobileOneBlock(6, 6, num_conv_branches=2),
+        fastvit.ReparamLargeKernelConv(6, 6, 5, 1, group_size=1, small_kernel=3),
+        fastvit.RepMixer(6, 3, layer_scale_init_value=None),
+    )
     branched = _linear_variant(randomize(branched.double()), how)
     sgs = to_sgs_foreign(branched)
     assert all(layer.analysis.exact for layer in sgs.layers), [layer.analysis.reasons for layer in sgs.layers]
-    assert set(sgs.masks) >= {"0.reparam_conv.weight", "1.reparam_conv.weight"}
+    assert set(sgs.masks) >= {f"{i}.reparam_conv.weight" for i in range(4)}
     if how == "removed":  # binary masks, the identity as constant kernel
         assert torch.equal(sgs.masks["0.reparam_conv.weight"], torch.tensor([[1.0, 1, 1], [1, 2, 1], [1, 1, 1]],
                                                                              dtype=torch.float64))
@@ -112,17 +116,18 @@ def test_linear_variant_trains_identically(how):
     wrong = {k: torch.ones_like(v) for k, v in sgs.masks.items()}
     runs = zip(_train(branched), _train(sgs.model, sgs.masks, sgs.constants),
                _train(copy.deepcopy(to_sgs_foreign(branched).model), wrong, sgs.constants))
-    moved = worst = control = 0.0
-    start = _fused(branched[0]).clone()
+    starts = [_fused(block).clone() for block in branched]
+    moved, worst, control = [0.0] * 4, [0.0] * 4, [0.0] * 4
     for b, p, w in runs:
-        ref = _fused(b[0])
-        scale = float(ref.abs().max())
-        moved = float((ref - start).abs().max())
-        worst = max(worst, float((ref - p[0].reparam_conv.weight).abs().max()) / scale)
-        control = max(control, float((ref - w[0].reparam_conv.weight).abs().max()) / scale)
-    assert moved > 1e-3  # the weights did move
-    assert worst <= 1e-12
-    assert control > 1e-4  # a wrong mask diverges
+        for i in range(4):
+            ref = _fused(b[i])
+            scale = float(ref.abs().max())
+            moved[i] = float((ref - starts[i]).abs().max())
+            worst[i] = max(worst[i], float((ref - p[i].reparam_conv.weight).abs().max()) / scale)
+            control[i] = max(control[i], float((ref - w[i].reparam_conv.weight).abs().max()) / scale)
+    assert min(moved) > 1e-4  # every block's weights did move
+    assert max(worst) <= 1e-12, worst
+    assert min(control) > 1e-6, control  # a wrong mask diverges
 
 
 def test_nothing_nested_inside_a_recognised_block():

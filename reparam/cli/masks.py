@@ -79,10 +79,9 @@ def run(args: argparse.Namespace) -> int:
             return fail("masks", f"no masks for {args.model}: no conv was converted (see --include/--exclude) and "
                                  "the model has no trainable branched block reparam recognises")
         conversion = model.reparam_report
-        happened = outcome_line(conversion, sgs.report)
-        meta = {"model": args.model, "block_requested": args.block, "bn_requested": args.bn, "outcome": happened,
-                "bn_used": conversion.placements(), "bn_summary": conversion.bn_summary(),
-                "layers": layer_metadata(sgs.report)}
+        happened = outcome_line(conversion, sgs.report)  # converted convs and recognised blocks alike
+        meta = {"model": args.model, "block": args.block, "bn": args.bn, "bn_used": conversion.placements(),
+                "bn_summary": conversion.bn_summary(), "outcome": happened, "layers": layer_metadata(sgs.report)}
         if plot:
             written.append(plot)
             plot_masks(sgs.report, plot, title=f"{args.model}: {happened}")
@@ -95,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(err, KeyboardInterrupt):
             return fail("masks", "interrupted; nothing was written", status=INTERRUPTED)
         return fail("masks", err if isinstance(err, ReparamError) else f"cannot write {(written or [args.out])[-1]}: {err}")
-    print(model.reparam_report.bn_summary())
+    if model.reparam_report.converted:
+        print(model.reparam_report.bn_summary())
     print(mask_groups_text(sgs.report))
     print(happened)
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))

@@ -397,9 +397,9 @@ def convert_model(
                 report.converted.append(outcome[0])
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
+    _warn_not_absorbed(job, report)
     if not report.converted and not has_branched_blocks(target):
         warn_nothing("convert_model", target, f"no eligible nn.Conv2d ({len(report.skipped)} skipped, see the report)")
-    _warn_not_absorbed(job, report)
     if not job.dataflow.traced:
         direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
         warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
