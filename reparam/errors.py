@@ -72,6 +72,10 @@ class DependenceWarning(ReparamWarning):
     its ``G`` is all ones (plain training for that layer), and the warning names it."""
 
 
+class NothingToConvertWarning(ReparamWarning):
+    """The model has no conv to convert and no branched block to fuse or turn into SGS masks."""
+
+
 def error_line(err: BaseException) -> str:
     """``Type: message`` of ``err``: its first line, at most 300 characters."""
     return f"{type(err).__name__}: {err}".strip().splitlines()[0][:300]

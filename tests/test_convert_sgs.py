@@ -12,6 +12,7 @@ from torch import nn
 from reparam.blocks import ACBlock, ReparamBlock
 from reparam.convert import ConvBN, convert_model, to_sgs
 from reparam.sgs import NotEquivalentWarning, attach_sgs
+from verification.lockstep import Side, deviation, movement, run_lockstep, snapshot, worst
 
 STEPS = 10
 # At 16x16, resnet18's layer3/layer4 maps are 1x1, so each BatchNorm normalizes BATCH numbers
@@ -28,30 +29,32 @@ def _resnet18() -> nn.Module:
 
 def _loop(block: str, make_opt, attach: dict | None, steps: int = STEPS) -> float:
     """Train the branched model and its SGS form on identical data; return the worst relative
-    difference between each block's merged (pre-BN) kernel and the plain conv, over all steps."""
+    difference between each block's merged (pre-BN) kernel and the plain conv, over all steps
+    (after checking that the kernels really moved)."""
     branched = convert_model(_resnet18(), block, "after").train()
     sgs = to_sgs(branched)
     plain, masks, constants = sgs
     assert not sgs.report.approximate
-    pairs = [(branched.get_submodule(l.block_name), plain.get_parameter(l.weight)) for l in sgs.report.layers]
-    assert len(pairs) == 17
-    opt_branched, opt_plain = make_opt(branched.parameters()), make_opt(plain.parameters())
+    blocks = [branched.get_submodule(l.block_name) for l in sgs.report.layers]
+    weights = [plain.get_parameter(l.weight) for l in sgs.report.layers]
+    assert len(blocks) == 17
+    sides = [Side("branched", branched, make_opt(branched.parameters())), Side("plain", plain, make_opt(plain.parameters()))]
     if attach is not None:
-        attach_sgs(opt_plain, masks, constant_kernels=constants, model=plain, **attach)
+        attach_sgs(sides[1].optimizer, masks, constant_kernels=constants, model=plain, **attach)
+    start = snapshot(weights)
     gen = torch.Generator().manual_seed(1)
-    worst = 0.0
-    for _ in range(steps):
-        x = torch.randn(BATCH, 3, 16, 16, dtype=torch.float64, generator=gen)
-        y = torch.randint(0, 10, (BATCH,), generator=gen)
-        for model, opt in ((branched, opt_branched), (plain, opt_plain)):
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(BATCH, 3, 16, 16, dtype=torch.float64, generator=gen), torch.randint(0, 10, (BATCH,), generator=gen)
+
+    def observe(step: int) -> dict:
         with torch.no_grad():
-            for blk, weight in pairs:
-                merged = blk.merged_kernel(post_bn=False)[0]
-                worst = max(worst, float((merged - weight).abs().max() / weight.abs().max()))
-    return worst
+            merged = [blk.merged_kernel(post_bn=False)[0] for blk in blocks]
+        return {"rel": deviation(merged, weights, per_tensor=True)[1]}
+
+    rows = run_lockstep(sides, batch, lambda model, b: F.cross_entropy(model(b[0]), b[1]), steps, observe)
+    assert movement(start, weights)[1] > 1e3 * 1e-10, "the kernels must move far beyond the tolerance"
+    return worst(row["rel"] for row in rows)
 
 
 def _sgd(params):

@@ -11,7 +11,6 @@
   saving model's conv layers recorded), validated against a model.
 - :func:`load_model`: ``torchvision:<name>`` / ``timm:<name>[?k=v&...]`` / ``module:callable`` model specs.
 """
-from reparam.convert.foreign import NothingToConvertWarning
 from reparam.convert.graph import (
     DataflowPairs,
     find_conv_bn_pairs,
@@ -29,7 +28,7 @@ from reparam.convert.maskfile import (
 from reparam.convert.model import ConvBN, convert_model, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
-from reparam.errors import BatchNormNotAbsorbedWarning, MaskFileWarning, UntraceableModelWarning
+from reparam.errors import BatchNormNotAbsorbedWarning, MaskFileWarning, NothingToConvertWarning, UntraceableModelWarning
 
 __all__ = [
     "BatchNormNotAbsorbedWarning",

@@ -13,14 +13,11 @@ from reparam.adapters import find_blocks, fuse_foreign, inside_blocks, to_sgs_fo
 from reparam.adapters.analysis import BlockAnalysis
 from reparam.convert.report import ConversionReport, SGSLayer, SGSReport
 from reparam.convert.results import FuseReport, SGSConversion
+from reparam.errors import NothingToConvertWarning
 from reparam.sgs.preconditioner import SpatialPreconditioner
 
 #: SGSLayer.bn for a foreign block: BatchNorm inside its branches, and its mode
 BN_LABELS = {"train": "branch", "eval": "branch (eval)", "none": "none"}
-
-
-class NothingToConvertWarning(UserWarning):
-    """The model has no conv to convert and no branched block to fuse or turn into SGS masks."""
 
 
 def inside_reasons(model: nn.Module) -> dict[str, str]:

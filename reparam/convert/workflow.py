@@ -24,13 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
-from reparam.convert.foreign import NothingToConvertWarning, has_branched_blocks, outcome_line
+from reparam.convert.foreign import has_branched_blocks, outcome_line
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import save_masks
 from reparam.convert.model import convert_model, eval_output, fuse_model, max_output_difference, to_sgs
 from reparam.convert.report import ConversionReport
 from reparam.convert.results import FuseResult, SGSConversion
-from reparam.errors import ConfigError, ConversionError, error_line
+from reparam.errors import ConfigError, ConversionError, NothingToConvertWarning, error_line
 
 PRESERVE_CHECK = "on a copy with randomized BatchNorm statistics/affine parameters and conv biases, seed {seed}"
 FILES = ("branched.safetensors", "fused.safetensors", "masks.safetensors", "report.json", "report.md")
