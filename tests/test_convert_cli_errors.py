@@ -166,3 +166,16 @@ def test_heatmap_groups_identical_masks_at_85_layers(tmp_path):
     assert [len(g.weights) for g in groups] == [84, 1]
     width, height = Image.open(tmp_path / "grid.png").size
     assert height < 800 and width < 1400  # two panels and a legend, not 85 panels
+
+
+def test_masks_ctrl_c_after_the_plot_leaves_nothing(nets, tmp_path, capsys, monkeypatch):
+    import reparam.convert as convert
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "save_masks", interrupted)
+    out, png = tmp_path / "m.safetensors", tmp_path / "m.png"
+    assert main(["masks", "--model", f"{nets}:tiny", "--out", str(out), "--plot", str(png)]) == 130
+    _one_line_error(capsys, "masks", "interrupted")
+    assert not png.exists() and not out.exists()

@@ -169,7 +169,7 @@ def test_example_input_failures_are_conversion_errors():
 def test_notes_say_what_consumes_the_conv():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
     notes = {r.name: r.note for r in convert_model(model, "acb", "after").reparam_report.converted}
-    assert "'1' is a SyncBatchNorm" in notes["0"] and "convert_sync_batchnorm" in notes["0"]
+    assert "SyncBatchNorm: absorbed" in notes["0"]  # issue 11: SyncBatchNorm is absorbed now, said per layer
     assert "'3' (ReLU)" in notes["2"] and "model's output" in notes["4"]
     assert not any("no BatchNorm consumes it" in note for note in notes.values())
 
@@ -342,7 +342,8 @@ def test_cli_errors_are_one_line(fixed_module, tmp_path, capsys):
 def test_cli_preservation_check_uses_randomized_batchnorm(fixed_module, tmp_path, monkeypatch, capsys):
     import reparam.convert.model as model_module
 
-    monkeypatch.setattr(model_module, "_load_bn", lambda target, source, shift: None)  # a conversion bug
+    fresh = lambda source, shift: nn.BatchNorm2d(source.num_features).to(source.running_mean.dtype)  # noqa: E731
+    monkeypatch.setattr(model_module, "_load_bn", fresh)  # a conversion bug: the BN is not loaded
     flat = fixed_module.replace(":fixed", ":flat")
     assert main(["convert", "--model", flat, "--bn", "after", "--out", str(tmp_path), "--input-size", "20"]) == 0
     summary = json.loads((tmp_path / "report.json").read_text())["summary"]

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     plot, problem = _checked_outputs(args)
     if problem:
         return fail("masks", problem)
+    fresh = [path for path in (args.out, plot) if path and not os.path.exists(path)]
+    written: list[str] = []  # removed again on failure when this run created them
     try:
         with printed_warnings("masks"):
             model = convert_model(load_model(args.model), args.block, args.bn,
@@ -74,16 +76,22 @@ def run(args: argparse.Namespace) -> int:
         sgs = to_sgs(model, warn=False)
         if not sgs.masks:
             return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
-        meta = {"model": args.model, "block": args.block, "bn": args.bn}
+        conversion = model.reparam_report
+        meta = {"model": args.model, "block": args.block, "bn": args.bn, "bn_used": conversion.placements(),
+                "bn_summary": conversion.bn_summary()}
         if plot:
-            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} bn={args.bn}")
+            written.append(plot)
+            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} {conversion.bn_summary()}")
+        written.append(args.out)
         save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
-    except ReparamError as err:
-        return fail("masks", err)
-    except OSError as err:
-        return fail("masks", f"cannot write {plot}: {err}")
-    except KeyboardInterrupt:
-        return fail("masks", "interrupted", status=INTERRUPTED)
+    except (ReparamError, OSError, KeyboardInterrupt) as err:
+        for path in written:  # nothing half-written is left behind
+            if path in fresh and os.path.isfile(path):
+                os.remove(path)
+        if isinstance(err, KeyboardInterrupt):
+            return fail("masks", "interrupted; nothing was written", status=INTERRUPTED)
+        return fail("masks", err if isinstance(err, ReparamError) else f"cannot write {(written or [args.out])[-1]}: {err}")
+    print(model.reparam_report.bn_summary())
     print(mask_groups_text(sgs.report))
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0

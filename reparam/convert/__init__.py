@@ -9,6 +9,7 @@
 - :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
 """
 from reparam.convert.graph import (
+    BatchNormNotAbsorbedWarning,
     DataflowPairs,
     UntraceableModelWarning,
     find_conv_bn_pairs,
@@ -29,6 +30,7 @@ from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, S
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
 
 __all__ = [
+    "BatchNormNotAbsorbedWarning",
     "ConvBN",
     "ConversionReport",
     "ConvertResult",

@@ -230,9 +230,12 @@ def _foreign_format(path: str) -> str | None:
     """What ``path`` is when its first bytes say it is not safetensors (read, never unpickled)."""
     try:
         with open(path, "rb") as handle:
-            start = handle.read(8)
+            start = handle.read(9)
+            size = os.fstat(handle.fileno()).st_size
     except OSError:
         return None
+    if len(start) == 9 and start[8:] == b"{" and int.from_bytes(start[:8], "little") <= size - 8:
+        return None  # a safetensors header: 8-byte little-endian length, then the JSON
     if len(start) >= 2 and start[0] == 0x80 and 1 <= start[1] <= 5:
         return "it looks like a Python pickle (pickle.dump / old torch.save), not a safetensors file"
     if start.startswith(b"PK\x03\x04"):

@@ -20,13 +20,18 @@ from torch import Tensor, nn
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import ConvBranch
 from reparam.convert.graph import (
+    PLAIN,
+    BatchNormNotAbsorbedWarning,
     DataflowPairs,
     UntraceableModelWarning,
     error_line,
     find_conv_bn_pairs,
+    looks_frozen_norm,
+    norm_kind,
     parameters_used_outside,
     reads_attributes_of,
 )
+from reparam.convert.norms import AbsorbedNorm, norm_part, slot_module
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, SGSConversion
 from reparam.errors import ConfigError, ConversionError
@@ -95,22 +100,20 @@ def _main_branch(block: ReparamBlock) -> ConvBranch:
     return main
 
 
-def _load_bn(target: nn.BatchNorm2d, source: nn.BatchNorm2d, shift: Tensor) -> None:
-    """``target(y) == source(y + shift)`` in eval mode (absorbs the conv bias ``shift``)."""
-    target.weight.copy_(source.weight)
-    target.bias.copy_(source.bias)
-    target.running_mean.copy_(source.running_mean - shift.to(source.running_mean.dtype))
-    target.running_var.copy_(source.running_var)
-    if getattr(source, "num_batches_tracked", None) is not None and target.num_batches_tracked is not None:
-        target.num_batches_tracked.copy_(source.num_batches_tracked)
+def _load_bn(source: nn.Module, shift: Tensor) -> nn.Module:
+    """A copy of the BatchNorm part ``source`` with ``copy(y) == source(y + shift)`` in eval mode
+    (absorbs the conv bias ``shift``); class, eps, momentum, flags and mode are the source's."""
+    target = copy.deepcopy(source)
+    target.running_mean.sub_(shift.to(target.running_mean.dtype))
+    return target
 
 
 @torch.no_grad()
-def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, preserve: bool) -> None:
+def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.Module | None, preserve: bool) -> None:
+    """Side branches silenced, the conv (+ the BatchNorm part ``bn``) loaded into the main branch."""
     if bn is not None:
-        for module in block.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.eps, module.momentum = bn.eps, bn.momentum
+        for module in _bn_modules(block):
+            module.eps, module.momentum = bn.eps, getattr(bn, "momentum", module.momentum)
     if not preserve:
         return
     main = _main_branch(block)
@@ -122,10 +125,10 @@ def _initialize(block: ReparamBlock, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
     constant = block.constant_kernel().to(weight.dtype)
     if block.bn == "branch":
         main.weight.copy_(weight)
-        _load_bn(main.bn, bn, bias)
+        main.bn = _load_bn(bn, bias)
     elif block.bn == "after":
         main.weight.copy_(weight - constant)
-        _load_bn(block.post_bn, bn, bias)
+        block.post_bn = _load_bn(bn, bias)
     else:
         if bn is not None:
             folded_w, folded_b = fold_batchnorm(weight.double(), bias.double(), bn)
@@ -140,7 +143,12 @@ def _trains(param: nn.Parameter | None) -> bool:
 
 
 def _bn_modules(module: nn.Module) -> list[nn.Module]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) or looks_frozen_norm(m)]
+
+
+def _bn_training(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalizes with batch statistics in its current mode (a frozen BN never does)."""
+    return bn.training and isinstance(bn, nn.modules.batchnorm._BatchNorm)
 
 
 def _kernel_parameters(block: ReparamBlock) -> list[nn.Parameter]:
@@ -151,7 +159,7 @@ def _kernel_parameters(block: ReparamBlock) -> list[nn.Parameter]:
 
 def _copy_bn_flags(target: nn.Module, source: nn.Module, trains: bool = True) -> None:
     """``target`` takes ``source``'s train/eval mode and affine ``requires_grad`` (and'ed with ``trains``)."""
-    target.train(source.training)
+    target.train(_bn_training(source))
     for pname in ("weight", "bias"):
         param = getattr(target, pname, None)
         if isinstance(param, nn.Parameter):
@@ -171,7 +179,7 @@ def _carry_flags(block: ReparamBlock, conv: nn.Conv2d, bn: nn.Module | None) -> 
         block.bias.requires_grad_(_trains(conv.bias) or (bn is not None and _trains(getattr(bn, "bias", None))))
     if bn is None:
         return
-    owner = block.post_bn if block.post_bn is not None else (_main_branch(block).bn if block.bn == "branch" else None)
+    owner = _block_bn(block)
     for module in _bn_modules(block):
         _copy_bn_flags(module, bn, trains=module is owner or kernel_trains)
 
@@ -250,17 +258,19 @@ class ConvertJob:
 @dataclass
 class LayerSwap:
     """A planned replacement: ``conv`` (every name it has) by ``block``, and the absorbed
-    BatchNorm ``bn`` (every name it has) by ``nn.Identity``."""
+    BatchNorm ``bn`` (every name it has) by ``slot`` (``nn.Identity``, or an
+    :class:`~reparam.convert.norms.AbsorbedNorm` keeping what followed the BN)."""
 
     name: str
     conv: nn.Module
     block: nn.Module
     bn: nn.Module | None
+    slot: nn.Module | None = None
 
 
-def _bn_note(job: ConvertJob, name: str, absorbed: bool, placement: str) -> str:
-    if absorbed:
-        return ""
+def _bn_note(job: ConvertJob, name: str, absorbed: str | None, placement: str) -> str:
+    if absorbed is not None:
+        return norm_kind(job.target.get_submodule(absorbed))[1] if job.dataflow.kinds.get(absorbed, PLAIN) != PLAIN else ""
     if not job.dataflow.traced:
         return "no BatchNorm absorbed (model not traceable): bn='none' block"
     why = job.dataflow.why_not.get(name, "the conv is not called in the traced forward")
@@ -288,6 +298,8 @@ def convert_layer(job: ConvertJob, name: str, conv: nn.Conv2d) -> tuple[Converte
         return SkippedLayer(name, reason)
     bn_name = job.dataflow.pairs.get(name)
     bn_module = job.target.get_submodule(bn_name) if bn_name else None
+    kind = job.dataflow.kinds.get(bn_name, PLAIN) if bn_name else None
+    bn_part = norm_part(bn_module, kind) if bn_module is not None else None
     placement = job.bn if bn_module is not None else "none"
     try:
         new = BLOCKS[job.block](
@@ -297,10 +309,11 @@ def convert_layer(job: ConvertJob, name: str, conv: nn.Conv2d) -> tuple[Converte
     except ConfigError as err:
         return SkippedLayer(name, str(err))
     new.to(device=conv.weight.device, dtype=conv.weight.dtype)
-    _initialize(new, conv, bn_module, job.preserve)
-    _carry_flags(new, conv, bn_module)
-    row = _layer_row(job, name, new, bn_name, _bn_note(job, name, bn_module is not None, placement))
-    return row, LayerSwap(name, conv, new, bn_module)
+    _initialize(new, conv, bn_part, job.preserve)
+    _carry_flags(new, conv, bn_part)
+    row = _layer_row(job, name, new, bn_name, _bn_note(job, name, bn_name, placement))
+    slot = slot_module(bn_module, kind) if bn_module is not None else None
+    return row, LayerSwap(name, conv, new, bn_module, slot)
 
 
 def swap_layers(target: nn.Module, names: dict[int, list[str]], swaps: Iterable[LayerSwap]) -> None:
@@ -310,7 +323,22 @@ def swap_layers(target: nn.Module, names: dict[int, list[str]], swaps: Iterable[
             _set_module(target, alias, swap.block)
         if swap.bn is not None:
             for alias in names[id(swap.bn)]:
-                _set_module(target, alias, nn.Identity())
+                _set_module(target, alias, swap.slot if swap.slot is not None else nn.Identity())
+
+
+def _warn_not_absorbed(job: ConvertJob, report: ConversionReport) -> None:
+    """One :class:`BatchNormNotAbsorbedWarning` per reason, naming every conv that got
+    ``bn="none"`` although ``job.bn`` asked for a BatchNorm (an untraceable model has its own warning)."""
+    if job.bn == "none" or not job.dataflow.traced:
+        return
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for row in report.converted:
+        if row.bn != job.bn:
+            by_reason[job.dataflow.why_not.get(row.name, "the conv is not called in the traced forward")].append(row.name)
+    for reason, layers in by_reason.items():
+        shown = ", ".join(layers[:8]) + (f", ... ({len(layers) - 8} more)" if len(layers) > 8 else "")
+        warnings.warn(f"convert_model: bn={job.bn!r} asked, but {len(layers)} conv(s) became bn='none' blocks because "
+                      f"{reason}: {shown}", BatchNormNotAbsorbedWarning, stacklevel=3)
 
 
 def convert_model(
@@ -364,6 +392,7 @@ def convert_model(
                 report.converted.append(outcome[0])
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
+    _warn_not_absorbed(job, report)
     if not job.dataflow.traced:
         direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
         warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
@@ -461,13 +490,13 @@ class ConvBN(nn.Sequential):
 
 def _bn_slots(model: nn.Module, row: ConvertedLayer | None) -> tuple[str, ...]:
     """Every name the BatchNorm absorbed into ``row``'s block had, if all of them still hold
-    the ``nn.Identity`` convert_model put there; else ``()``."""
+    the ``nn.Identity`` / :class:`AbsorbedNorm` convert_model put there; else ``()``."""
     if row is None or not row.absorbed_bn:
         return ()
     slots = row.absorbed_bn_names or (row.absorbed_bn,)
     for slot in slots:
         try:
-            if type(model.get_submodule(slot)) is not nn.Identity:
+            if type(model.get_submodule(slot)) not in (nn.Identity, AbsorbedNorm):
                 return ()
         except AttributeError:
             return ()
@@ -510,6 +539,9 @@ def _place_counterpart(target: nn.Module, name: str, aliases: list[str], block: 
     placed: nn.Module = conv if bn is None or slots else ConvBN(conv, bn)
     if isinstance(placed, ConvBN):
         placed.training = block.training
+    if slots:
+        holder = target.get_submodule(slots[0])
+        bn = holder.restore(bn) if isinstance(holder, AbsorbedNorm) else bn  # the original class, its children
     for alias in aliases:
         _set_module(target, alias, placed)
     for slot in slots:

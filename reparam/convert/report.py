@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+BN_ORDER = ("branch", "after", "none")
+
 
 @dataclass
 class ConvertedLayer:
@@ -54,6 +56,18 @@ class ConversionReport:
 
     def layer(self, name: str) -> ConvertedLayer | None:
         return next((row for row in self.converted if row.name == name), None)
+
+    def placements(self) -> dict[str, str]:
+        """Converted layer -> the BN placement it really got (``"none"`` where no BN was absorbed)."""
+        return {row.name: row.bn for row in self.converted}
+
+    def bn_summary(self) -> str:
+        """What happened to ``bn`` in one line, e.g. ``bn='after' on 15 of 17 layers, 'none' on 2``."""
+        used = list(self.placements().values())
+        if not used or all(b == self.bn for b in used):
+            return f"bn={self.bn!r}"
+        others = ", ".join(f"{b!r} on {used.count(b)}" for b in BN_ORDER if b != self.bn and b in used)
+        return f"bn={self.bn!r} on {used.count(self.bn)} of {len(used)} layers, {others} (no BatchNorm absorbed)"
 
     def to_dict(self) -> dict:
         return asdict(self)

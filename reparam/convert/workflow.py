@@ -86,7 +86,7 @@ class ConvertRun:
     def summary(self) -> dict[str, Any]:
         o, fused_diff = self.options, self.fused.report.max_abs_diff
         return {
-            **self.metadata,
+            **{k: v for k, v in self.metadata.items() if k != "bn_used"},  # per layer: the Layers table
             "preserve": not o.fresh,
             "probe_shape": list(self.probe_shape),
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -205,7 +205,8 @@ def convert_workflow(options: ConvertOptions) -> ConvertRun:
         options=options, model=model, report=report, fused=fuse_model(model, probe=probe, return_report=True),
         sgs=to_sgs(model, warn=False), probe_shape=tuple(probe.shape), dtype=probe.dtype,
         output_scale=max(max_output_difference(branched_out, branched_out * 0), 1e-30),
-        metadata={"model": options.model, "block": options.block, "bn": options.bn},
+        metadata={"model": options.model, "block": options.block, "bn": options.bn,
+                  "bn_used": json.dumps(report.placements()), "bn_summary": report.bn_summary()},
     )
     run.deploy, run.deploy_layout = deploy_model(original, run.fused.model, run.sgs.model)
     run.deploy_diff = max_output_difference(branched_out, eval_output(run.deploy, probe))
