@@ -70,3 +70,5 @@ def test_run_lockstep_rejects_bad_arguments():
         run_lockstep([_side("a", 0.1)], [1], None, 0, lambda s: {})
     with pytest.raises(ValueError, match="distinct"):
         run_lockstep([_side("a", 0.1), _side("a", 0.1)], [1], None, 1, lambda s: {})
+    with pytest.raises(ValueError, match="every side needs its own"):
+        run_lockstep([_side("a", 0.1)], [1], None, 1, lambda s: {})

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from verification.pgt import CURVE_COLUMNS, SUMMARY_COLUMNS, reference_reconstruct_from_grad_hook, run_pgt_section
 from verification.pgt.suite import QUICK_STEPS
+from verification.tolerances import min_movement
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_exact_cases_are_exact_and_negatives_clearly_diverge(full):
     exact = summary[summary["expected"] == "exact"]
     assert len(exact) >= 10
     assert (exact["max_rel_dev"] <= 1e-10).all()
+    assert (exact["moved_rel"] >= min_movement(torch.float64)).all()  # exact and not vacuous
     negatives = summary[summary["expected"] == "diverges"]
     assert {"neg-pgt-a0.25-vs-ce", "neg-reference-hook-S1", "neg-reference-hook-S4B2"} <= set(negatives["case"])
     # double backward (gradient penalty) and explicit scale with ignored rows are exact
@@ -123,3 +125,14 @@ def test_reference_hook_reconstruction_is_exact_only_at_scale_b_squared():
         (got,) = torch.autograd.grad(scale * F.cross_entropy(z, y), z)
         close = torch.allclose(got / scale, want, rtol=1e-12, atol=1e-15)
         assert close == ok, (scale, got / scale, want)
+
+
+def test_a_pgt_case_that_does_not_move_is_inconclusive(monkeypatch):
+    """lr = 0: both copies stay at the start, deviation 0; that is no evidence of exactness."""
+    from verification.pgt import suite
+
+    monkeypatch.setattr(suite, "_optimizer", lambda name, model: torch.optim.SGD(model.parameters(), lr=0.0))
+    summary, _ = run_pgt_section(steps=2)
+    exact = summary[summary["expected"] == "exact"]
+    assert (exact["max_rel_dev"] == 0).all() and (exact["moved_rel"] == 0).all()
+    assert (exact["observed"] == "inconclusive").all() and not exact["match"].any()

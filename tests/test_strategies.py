@@ -65,3 +65,27 @@ def test_examples_scale_with_the_profile():
     finally:
         settings.load_profile(os.environ.get("REPARAM_HYPOTHESIS_PROFILE", "ci"))
     assert examples(10) == max(10, int(10 * ratio))
+
+
+def test_one_table_of_optimizer_cases_agrees_with_the_theory():
+    """The suite's cases, the strategies' names and the verdict theory share one source."""
+    from reparam.sgs.theory import ELEMENTWISE_ADAPTIVE, SGD_FAMILY
+    from verification import strategies
+    from verification.optimizers import ELEMENTWISE, LINEAR, OPTIMIZERS
+
+    assert tuple(c.__name__ for c in ELEMENTWISE_ADAPTIVE) == strategies.ADAPTIVE_OPTIMIZERS
+    covered = {case.cls for case in OPTIMIZERS}
+    assert covered >= set(SGD_FAMILY) | set(ELEMENTWISE_ADAPTIVE)  # every theory class is exercised
+    for case in OPTIMIZERS:
+        assert case.theory_class == (LINEAR if case.cls in SGD_FAMILY else ELEMENTWISE), case.name
+
+
+def test_block_names_come_from_the_blocks_registry():
+    from reparam.blocks import BLOCKS
+    from verification import engine, strategies
+
+    assert not hasattr(strategies, "BLOCK_TYPES")
+    factory = strategies.BlockFactory("repvgg", strategies.ConvConfig(2, 2, (3, 3)), "none")
+    assert factory.cls is BLOCKS["repvgg"]
+    assert not hasattr(engine, "BlockFactory")  # the engine's type alias has its own name
+    assert not hasattr(strategies.ConvConfig, "has_identity") and not hasattr(strategies.BlockFactory, "with_state")

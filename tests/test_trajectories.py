@@ -1,9 +1,10 @@
 """The core equivalence properties, checked on whole training trajectories.
 
 A block trained branch by branch and its single conv trained with SGS (``attach_sgs``) must
-follow the same trajectory (verdict "exact", max relative deviation <= 1e-10 in float64)
-wherever theory says so, and must visibly drift apart (deviation >= 1e-6) in the negative
-controls. The merged-mode twin (same parameters, one conv) is always exact.
+follow the same trajectory (verdict "exact": max relative deviation <= ``EXACT_TOL`` in float64,
+every side moved >= ``min_movement``) wherever theory says so, and must visibly drift apart
+(deviation >= ``DIVERGENCE_FLOOR``) in the negative controls. The merged-mode twin (same
+parameters, one conv) is always exact.
 """
 from __future__ import annotations
 

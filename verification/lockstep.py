@@ -24,6 +24,7 @@ __all__ = [
     "movement",
     "run_lockstep",
     "snapshot",
+    "train_step",
     "worst",
 ]
 
@@ -149,6 +150,8 @@ def run_lockstep(
     names = [side.name for side in sides]
     if len(set(names)) != len(names):
         raise ValueError(f"run_lockstep: side names must be distinct, got {names}")
+    if loss_fn is None and any(side.loss_fn is None for side in sides):
+        raise ValueError("run_lockstep: loss_fn is None, so every side needs its own Side.loss_fn")
     source = _batch_source(batches)
     rows: list[dict] = []
 

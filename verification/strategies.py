@@ -26,12 +26,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reparam.blocks import DBB_BRANCHES, ACBlock, DBBlock, ReparamBlock, RepVGGBlock
+from reparam.blocks import BLOCKS, BN_PLACEMENTS, DBB_BRANCHES, ReparamBlock
+from verification.optimizers import ADAPTIVE_OPTIMIZERS  # the theory's element-wise adaptive classes
 
 __all__ = [
     "ADAPTIVE_OPTIMIZERS",
     "BASE_EXAMPLES",
-    "BLOCK_TYPES",
     "BNState",
     "ConvConfig",
     "DECOUPLED_DECAY_OPTIMIZERS",
@@ -45,10 +45,6 @@ __all__ = [
     "sgd_optimizers",
 ]
 
-BLOCK_TYPES: dict[str, type[ReparamBlock]] = {"acb": ACBlock, "repvgg": RepVGGBlock, "dbb": DBBlock}
-
-#: the optimizers for which SGS in mode "update" is exact (without coupled weight decay)
-ADAPTIVE_OPTIMIZERS = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Adadelta")
 
 
 def accepts(optimizer_cls: type, option: str) -> bool:
@@ -130,11 +126,6 @@ class ConvConfig:
     @property
     def depthwise(self) -> bool:
         return self.groups == self.in_channels == self.out_channels and self.groups > 1
-
-    @property
-    def has_identity(self) -> bool:
-        """Whether a RepVGG block of this geometry gets an identity branch."""
-        return self.in_channels == self.out_channels and self.stride == (1, 1)
 
 
 def _divisors(n: int) -> list[int]:
@@ -264,7 +255,7 @@ class BlockFactory:
 
     @property
     def cls(self) -> type[ReparamBlock]:
-        return BLOCK_TYPES[self.block_type]
+        return BLOCKS[self.block_type]
 
     def __call__(self) -> ReparamBlock:
         extra = {"branches": self.dbb_branches} if self.block_type == "dbb" else {}
@@ -273,15 +264,12 @@ class BlockFactory:
             self.state(block)
         return block
 
-    def with_state(self, state: BNState | None) -> BlockFactory:
-        return BlockFactory(self.block_type, self.config, self.bn, self.mode, self.dbb_branches, state)
-
 
 @st.composite
 def blocks(
     draw: st.DrawFn,
-    block_types: Sequence[str] = ("acb", "repvgg", "dbb"),
-    bn: Sequence[str] = ("branch", "after", "none"),
+    block_types: Sequence[str] = tuple(BLOCKS),
+    bn: Sequence[str] = BN_PLACEMENTS,
     configs: st.SearchStrategy[ConvConfig] | None = None,
     dbb_branches: Sequence[tuple[str, ...]] | None = None,
     states: st.SearchStrategy[BNState | None] | None = None,
@@ -339,6 +327,35 @@ _eps = st.sampled_from([1e-8, 1e-6, 1e-3])
 _small_lrs = st.sampled_from([1e-3, 1e-2, 0.05])
 
 
+def _own_hyperparameters(draw: st.DrawFn, name: str, eps_st: st.SearchStrategy[float], strongly_adaptive: bool) -> dict:
+    """The hyperparameters specific to the adaptive optimizer ``name`` (see :func:`adaptive_optimizers`)."""
+    kw: dict = {}
+    if name in ("Adam", "AdamW"):
+        kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
+    elif name == "Adamax":
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
+    elif name == "NAdam":
+        kw.update(betas=draw(_betas), eps=draw(eps_st), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
+    elif name == "RAdam":
+        kw.update(betas=draw(_betas), eps=draw(eps_st))
+    elif name == "Adagrad":
+        kw.update(
+            lr_decay=draw(st.sampled_from([0.0, 0.1])),
+            initial_accumulator_value=0.0 if strongly_adaptive else draw(st.sampled_from([0.0, 0.1])),
+            eps=draw(eps_st if strongly_adaptive else st.sampled_from([1e-10, 1e-6])),
+        )
+    elif name == "RMSprop":
+        kw.update(
+            alpha=draw(st.sampled_from([0.99, 0.9])),
+            eps=draw(eps_st),
+            centered=draw(st.booleans()),
+            momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
+        )
+    elif name == "Adadelta":
+        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(eps_st))
+    return kw
+
+
 @st.composite
 def adaptive_optimizers(
     draw: st.DrawFn,
@@ -377,29 +394,7 @@ def adaptive_optimizers(
     kw: dict = {"lr": lr}
     if accepts(cls, "maximize"):
         kw["maximize"] = draw(st.booleans())
-    if name in ("Adam", "AdamW"):
-        kw.update(betas=draw(_betas), eps=draw(eps_st), amsgrad=draw(st.booleans()))
-    elif name == "Adamax":
-        kw.update(betas=draw(_betas), eps=draw(eps_st))
-    elif name == "NAdam":
-        kw.update(betas=draw(_betas), eps=draw(eps_st), momentum_decay=draw(st.sampled_from([4e-3, 1e-2])))
-    elif name == "RAdam":
-        kw.update(betas=draw(_betas), eps=draw(eps_st))
-    elif name == "Adagrad":
-        kw.update(
-            lr_decay=draw(st.sampled_from([0.0, 0.1])),
-            initial_accumulator_value=0.0 if strongly_adaptive else draw(st.sampled_from([0.0, 0.1])),
-            eps=draw(eps_st if strongly_adaptive else st.sampled_from([1e-10, 1e-6])),
-        )
-    elif name == "RMSprop":
-        kw.update(
-            alpha=draw(st.sampled_from([0.99, 0.9])),
-            eps=draw(eps_st),
-            centered=draw(st.booleans()),
-            momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
-        )
-    elif name == "Adadelta":
-        kw.update(lr=draw(st.sampled_from([0.5, 1.0])), rho=draw(st.sampled_from([0.9, 0.5])), eps=draw(eps_st))
+    kw.update(_own_hyperparameters(draw, name, eps_st, strongly_adaptive))
     if coupled_weight_decay:
         kw["weight_decay"] = draw(st.sampled_from([0.05, 0.1, 0.3]))
     elif name == "AdamW":

@@ -9,9 +9,14 @@ from pathlib import Path
 
 import torch
 
+from reparam.blocks import BLOCKS, BN_PLACEMENTS
 from reparam.cli._common import INTERRUPTED, fail, output_dir_problem, sigterm_as_interrupt
 from reparam.cli._verify_model import add_model_arguments, run_model, wants_model
-from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS
+from verification.optimizers import OPTIMIZER_NAMES
+from verification.tolerances import DEFAULT_STEPS, QUICK_STEPS, full_precision
+
+# the suites, reports and pandas load only when `verify` runs (function-level imports below),
+# so that `reparam --help` and the other commands start fast
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 SECTIONS = ("sgs", "pgt")
@@ -49,9 +54,6 @@ def device_problem(name: str) -> str | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from reparam.blocks import BLOCKS, BN_PLACEMENTS
-    from verification.optimizers import OPTIMIZER_NAMES
-
     parser = subparsers.add_parser(
         "verify",
         help="train branched blocks and their SGS counterparts side by side; check every verdict",
@@ -61,7 +63,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--blocks", nargs="+", choices=list(BLOCKS), help="blocks to check (default: all)")
     parser.add_argument("--bn", nargs="+", choices=list(BN_PLACEMENTS), help="BN placements (default: all)")
-    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_NAMES), help="optimizers (default: all)")
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZER_NAMES), metavar="OPT",
+                        help=f"optimizer cases (default: all): {', '.join(OPTIMIZER_NAMES)}")
     parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None,
                         help="sgs: blocks vs SGS; pgt: PowerGrad Transform vs its surrogate (default: both, "
                         "or only sgs when --blocks, --bn or --optimizers is given)")
@@ -72,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="cpu", help="torch device to train on, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data (default: 0)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per case (unless --steps is given)")
-    parser.add_argument("--out", type=Path, default=Path("reports/verify"),
+    parser.add_argument("--out", type=Path, default=Path("reports/verify"), metavar="DIR",
                         help="report folder, created if needed (default: reports/verify)")
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
@@ -101,8 +104,6 @@ def _results(args: argparse.Namespace, sections: list[str], dtype: torch.dtype, 
 
 def _collect(results: Iterator) -> tuple[list, bool]:
     """Every result until the end or Ctrl-C / SIGTERM; ``(results, interrupted)``."""
-    from verification.tolerances import full_precision
-
     done: list = []
     with sigterm_as_interrupt():
         try:
