@@ -11,6 +11,7 @@ from torch import nn
 from reparam import attach_sgs
 from reparam.adapters import find_blocks, fuse_foreign, recognise, to_sgs_foreign
 from reparam.convert import max_output_difference
+from reparam.convert.workflow import randomized_copy
 
 timm = pytest.importorskip("timm")
 from timm.models import byobnet, fastvit  # noqa: E402
@@ -18,18 +19,9 @@ from timm.models import byobnet, fastvit  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-@torch.no_grad()
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random BN statistics and affine parameters (a fresh BN is the identity in eval mode)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(0.3 * torch.randn(n, generator=gen))
-            m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-            m.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen))
-            m.bias.copy_(0.2 * torch.randn(n, generator=gen))
-    return model
+    """Random BN statistics/affine parameters (a fresh BN is the identity in eval mode)."""
+    return randomized_copy(model, seed)
 
 
 def small_blocks() -> dict[str, nn.Module]:

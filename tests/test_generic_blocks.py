@@ -157,3 +157,37 @@ def test_plain_conv_with_generic_mask_follows_the_branches(block):
     if any(s != 1 for s in block.scales) or len(block.convs) > 1:  # negative control: the mask matters
         *_, final = _steps(_plain_conv(block, result), None, None)  # plain SGD, no mask
         assert float((merged - final.weight.detach()).abs().max()) > 1e-6
+
+
+def test_jacobian_reduction_says_when_p_is_not_per_channel_pair():
+    from reparam.sgs.jacobian import jacobian_reduction
+
+    shared = torch.randn(1, 1, 3, 3, dtype=torch.float64)  # one kernel for every channel pair
+
+    def merge(theta):
+        return theta[0].expand(4, 2, 3, 3) * 1.0, torch.zeros(4, dtype=torch.float64)
+
+    reduction = jacobian_reduction(merge, (shared,))
+    assert reduction.weight is None and "mixes different channel pairs" in reduction.reason
+
+
+def test_jacobian_reduction_per_pair_non_diagonal_is_not_reducible():
+    from reparam.sgs.jacobian import jacobian_reduction
+
+    theta = torch.randn(2, 2, 1, 1, dtype=torch.float64)
+    spread = torch.stack([torch.full((3, 3), 1 / 9.0), torch.eye(3)], 0).double()  # per output channel
+
+    def merge(t):
+        weight = t[0] * spread[:, None]  # channel o spreads its one weight by its own pattern
+        return weight, torch.zeros(2, dtype=torch.float64)
+
+    reduction = jacobian_reduction(merge, (theta,))
+    assert reduction.weight is None and "differs between channel pairs" in reduction.reason
+
+
+def test_block_that_is_not_a_conv_is_a_clear_error():
+    from reparam.errors import ConversionError
+
+    block = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, dtype=torch.float64), nn.ReLU())
+    with pytest.raises(ConversionError, match="not a conv"):
+        analyse(GenericAdapter(block))

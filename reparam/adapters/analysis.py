@@ -4,6 +4,7 @@ only approximate."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,22 +89,45 @@ def _exact_form(merge, theta: tuple[Tensor, ...], kind: str) -> tuple[Reduction 
     return reduction, ([] if reduction.weight is not None else [reduction.reason or "P = J J^T is not reducible"])
 
 
-def analyse(adapter: Adapter) -> BlockAnalysis:
-    """Analyse the block behind ``adapter`` (nothing of it is modified)."""
+@dataclass
+class _Merge:
+    """The block's fused conv as a function of its trainable parameters (float64 copy, eval mode)."""
+
+    merge: Callable[[tuple[Tensor, ...]], tuple[Tensor, Tensor]]
+    theta: tuple[Tensor, ...]
+    weight: Tensor
+    bias: Tensor
+
+
+def _fused(adapter: Adapter) -> _Merge:
+    """Fuse a float64 eval-mode copy and check the result against the block's own forward."""
     geometry = adapter.geometry()
     kernel = copy.deepcopy(adapter.kernel_module()).to(torch.float64).eval()
-    core = kernel.core
     names = [n for n, p in kernel.named_parameters() if p.requires_grad]
     theta = tuple(p.detach() for n, p in kernel.named_parameters() if p.requires_grad)
     merge = _merge_function(kernel, names)
     with torch.no_grad():
         weight, bias = merge(theta)
-        err = check_conv(core, geometry, weight, bias)
+        err = check_conv(kernel.core, geometry, weight, bias)
     if err > TOLERANCE:
         raise ConversionError(
             f"{adapter.kind}: in eval mode it is not a conv with {geometry} (relative difference {err:.1e}); "
             "is it affine in its input, and is the geometry right?"
         )
+    return _Merge(merge, theta, weight, bias)
+
+
+def fused_conv(adapter: Adapter) -> tuple[Tensor, Tensor]:
+    """The block's eval-mode function as one conv ``(weight, bias)`` in float64 (checked)."""
+    fused = _fused(adapter)
+    return fused.weight, fused.bias
+
+
+def analyse(adapter: Adapter) -> BlockAnalysis:
+    """Analyse the block behind ``adapter`` (nothing of it is modified)."""
+    fused = _fused(adapter)
+    merge, theta, weight, bias = fused.merge, fused.theta, fused.weight, fused.bias
+    geometry = adapter.geometry()
     norms = _batchnorms(adapter.core())
     bn = "none" if not norms else "train" if any(m.training for _, m in norms) else "eval"
     reasons = _training_reasons(adapter.block, adapter.core(), weight, bias, geometry)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from reparam.adapters.analysis import BlockAnalysis, analyse
+from reparam.adapters.analysis import BlockAnalysis, analyse, fused_conv
 from reparam.adapters.base import Adapter
 from reparam.adapters.native import ReparamBlockAdapter
 from reparam.adapters.registry import recognise
@@ -34,11 +34,13 @@ def find_blocks(model: nn.Module, include_native: bool = False) -> list[tuple[st
     return found
 
 
-def inside_blocks(model: nn.Module) -> set[str]:
-    """Qualified names of every module inside a recognised branched block (the blocks included)."""
-    names = set()
+def inside_blocks(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """Every module inside a recognised branched block (the blocks included): qualified name ->
+    ``(block name, block kind)``."""
+    names: dict[str, tuple[str, str]] = {}
     for prefix, adapter in find_blocks(model, include_native=True):
-        names.update(f"{prefix}.{n}" if n else prefix for n, _ in adapter.block.named_modules())
+        for n, _ in adapter.block.named_modules():
+            names[f"{prefix}.{n}" if n else prefix] = (prefix, adapter.kind)
     return names
 
 
@@ -62,7 +64,7 @@ class ForeignLayer:
 
     block_name: str
     weight: str  # deploy weight name, e.g. "stages.0.0.reparam_conv.weight"
-    analysis: BlockAnalysis
+    analysis: BlockAnalysis | None  # None from fuse_foreign (fusion only)
 
     @property
     def bias(self) -> str:
@@ -83,7 +85,7 @@ class ForeignSGS:
 def fuse_foreign(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, list[ForeignLayer]]:
     """Replace every recognised foreign block by its deploy form (as ``timm.utils.
     reparameterize_model`` does) holding the float64 fused kernel cast to the model's dtype."""
-    result = _deploy_all(model, inplace)
+    result = _deploy_all(model, inplace, analysed=False)
     return result.model, result.layers
 
 
@@ -91,10 +93,13 @@ def to_sgs_foreign(model: nn.Module, *, inplace: bool = False) -> ForeignSGS:
     """Deploy form of every recognised block plus what SGS needs to train it: ``masks[w]`` (exact
     ``J J^T`` where the block is linear in its parameters, else the mask-sum), ``constants[w]``
     (``C``, for weight decay), bias masks (keyed by the bias name) where the bias gradient is
-    scaled; a bias no trainable parameter moves is frozen (``requires_grad=False``)."""
-    result = _deploy_all(model, inplace)
+    scaled; a bias no trainable parameter moves is frozen (``requires_grad=False``). A frozen
+    block (no trainable parameter) gives a frozen conv and no mask."""
+    result = _deploy_all(model, inplace, analysed=True)
     for layer in result.layers:
         a = layer.analysis
+        if not result.model.get_parameter(layer.weight).requires_grad:
+            continue
         result.masks[layer.weight] = a.mask
         if a.constant is not None:
             result.constants[layer.weight] = a.constant
@@ -105,13 +110,15 @@ def to_sgs_foreign(model: nn.Module, *, inplace: bool = False) -> ForeignSGS:
     return result
 
 
-def _deploy_all(model: nn.Module, inplace: bool) -> ForeignSGS:
+def _deploy_all(model: nn.Module, inplace: bool, analysed: bool) -> ForeignSGS:
+    """Every recognised block in its deploy form (with its SGS analysis if ``analysed``)."""
     target = model if inplace else copy.deepcopy(model)
     names = _aliases(target)
     result = ForeignSGS(target)
     for name, adapter in find_blocks(target):
-        analysis = analyse(adapter)
-        deployed = adapter.deploy(analysis.weight, analysis.bias)
+        analysis = analyse(adapter) if analysed else None
+        weight, bias = (analysis.weight, analysis.bias) if analysis is not None else fused_conv(adapter)
+        deployed = adapter.deploy(weight, bias)
         if not any(p.requires_grad for p in adapter.block.parameters()):
             deployed.requires_grad_(False)  # a frozen block stays frozen
         _replace(target, names[id(adapter.block)], deployed)

@@ -18,8 +18,8 @@ USAGE_ERROR, INTERRUPTED = 2, 130
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, metavar="SPEC",
-        help="'torchvision:<name>' (random weights, no download) or 'module:callable' (called with no arguments; "
-             "the module may live in the current directory)",
+        help="'torchvision:<name>' or 'timm:<name>[?key=value&...]' (random weights, no download) or "
+             "'module:callable' (called with no arguments; the module may live in the current directory)",
     )
     parser.add_argument("--block", choices=sorted(BLOCKS), default="acb", help="block type (default: acb)")
     parser.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from typing import Any
 
 from reparam.cli._convert_common import INTERRUPTED, add_model_arguments, fail
@@ -59,7 +60,8 @@ def _checked_outputs(args: argparse.Namespace) -> tuple[str | None, str | None]:
 
 def run(args: argparse.Namespace) -> int:
     from reparam.cli._convert_common import printed_warnings
-    from reparam.convert import convert_model, load_model, save_masks, to_sgs
+    from reparam.convert import NothingToConvertWarning, convert_model, load_model, save_masks, to_sgs
+    from reparam.convert.foreign import layer_metadata, outcome_line
     from reparam.convert.plot import plot_masks
     from reparam.convert.report import mask_groups_text
     from reparam.errors import ReparamError
@@ -70,18 +72,21 @@ def run(args: argparse.Namespace) -> int:
     fresh = [path for path in (args.out, plot) if path and not os.path.exists(path)]
     written: list[str] = []  # removed again on failure when this run created them
     try:
-        with printed_warnings("masks"):
+        with printed_warnings("masks"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", NothingToConvertWarning)  # the error below says it in one line
             model = convert_model(load_model(args.model), args.block, args.bn,
                                   include=args.include, exclude=args.exclude)
-        sgs = to_sgs(model, warn=False)
+            sgs = to_sgs(model, warn=False)
         if not sgs.masks:
-            return fail("masks", "no conv was converted, so there are no masks (see --include/--exclude)")
+            return fail("masks", f"no masks for {args.model}: no conv was converted (see --include/--exclude) and "
+                                 "the model has no trainable branched block reparam recognises")
         conversion = model.reparam_report
+        happened = outcome_line(conversion, sgs.report)  # converted convs and recognised blocks alike
         meta = {"model": args.model, "block": args.block, "bn": args.bn, "bn_used": conversion.placements(),
-                "bn_summary": conversion.bn_summary()}
+                "bn_summary": conversion.bn_summary(), "outcome": happened, "layers": layer_metadata(sgs.report)}
         if plot:
             written.append(plot)
-            plot_masks(sgs.report, plot, title=f"{args.model} {args.block} {conversion.bn_summary()}")
+            plot_masks(sgs.report, plot, title=f"{args.model}: {happened}")
         written.append(args.out)
         save_masks(args.out, sgs.masks, model=sgs.model, constants=sgs.constants, metadata=meta)
     except (ReparamError, OSError, KeyboardInterrupt) as err:
@@ -91,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(err, KeyboardInterrupt):
             return fail("masks", "interrupted; nothing was written", status=INTERRUPTED)
         return fail("masks", err if isinstance(err, ReparamError) else f"cannot write {(written or [args.out])[-1]}: {err}")
-    print(model.reparam_report.bn_summary())
+    if model.reparam_report.converted:
+        print(model.reparam_report.bn_summary())
     print(mask_groups_text(sgs.report))
+    print(happened)
     print(f"wrote {args.out}" + (f" and {plot}" if plot else ""))
     return 0

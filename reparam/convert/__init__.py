@@ -1,13 +1,17 @@
 """Convert real models: conv -> reparameterization block (and back), plain SGS form, mask files.
 
 - :func:`convert_model`: every eligible ``nn.Conv2d`` (+ the BatchNorm that solely consumes
-  it, found by torch.fx tracing) becomes an ACB / RepVGG / DBB block, function-preserving.
-- :func:`fuse_model`: every block becomes its fused ``nn.Conv2d`` (deploy form).
-- :func:`to_sgs`: every block becomes the plain conv SGS trains, with masks keyed by name.
+  it, found by torch.fx tracing) becomes an ACB / RepVGG / DBB block, function-preserving;
+  convs inside branched blocks the model already has (timm's, reparam's) are never converted.
+- :func:`fuse_model`: every block becomes its fused ``nn.Conv2d`` (deploy form); timm's blocks
+  their ``reparameterize()`` form (``<block>.reparam_conv``).
+- :func:`to_sgs`: every block becomes the plain conv SGS trains, with masks keyed by name
+  (timm's blocks: their deploy names). Nothing to do: :class:`NothingToConvertWarning`.
 - :func:`save_masks` / :func:`load_masks`: safetensors mask files (checksummed, with the
   saving model's conv layers recorded), validated against a model.
-- :func:`load_model`: ``torchvision:<name>`` / ``module:callable`` model specs.
+- :func:`load_model`: ``torchvision:<name>`` / ``timm:<name>[?k=v&...]`` / ``module:callable`` model specs.
 """
+from reparam.convert.foreign import NothingToConvertWarning
 from reparam.convert.graph import (
     BatchNormNotAbsorbedWarning,
     DataflowPairs,
@@ -41,6 +45,7 @@ __all__ = [
     "LoadedMasks",
     "MaskFile",
     "MaskFileWarning",
+    "NothingToConvertWarning",
     "SGSConversion",
     "SGSLayer",
     "SGSReport",

@@ -19,6 +19,13 @@ from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, ReparamBlock
 from reparam.blocks.branches import ConvBranch
+from reparam.convert.foreign import (
+    add_foreign_sgs,
+    fuse_foreign_blocks,
+    has_branched_blocks,
+    inside_reasons,
+    warn_nothing,
+)
 from reparam.convert.graph import (
     PLAIN,
     BatchNormNotAbsorbedWarning,
@@ -242,6 +249,7 @@ class ConvertJob:
     include: list[str]
     exclude: list[str]
     preserve: bool
+    inside: dict[str, str]  # convs inside recognised branched blocks -> why they are left alone
 
     @classmethod
     def start(cls, target: nn.Module, block: str, bn: str, include: str | Sequence[str] | None,
@@ -252,7 +260,7 @@ class ConvertJob:
         if bn not in BN_PLACEMENTS:
             raise ConfigError(f"convert_model: bn={bn!r} is not supported; choose one of {BN_PLACEMENTS}")
         return cls(target, find_conv_bn_pairs(target), _names_by_module(target), block, bn,
-                   _patterns(include), _patterns(exclude), preserve)
+                   _patterns(include), _patterns(exclude), preserve, inside_reasons(target))
 
 
 @dataclass
@@ -290,7 +298,7 @@ def _layer_row(job: ConvertJob, name: str, new: ReparamBlock, bn_name: str | Non
 def convert_layer(job: ConvertJob, name: str, conv: nn.Conv2d) -> tuple[ConvertedLayer, LayerSwap] | SkippedLayer:
     """Decide one conv: why it is skipped, or the block (initialized, flags carried over) that
     replaces it with the report row. Changes nothing in ``job.target``."""
-    reason = _skip_reason(name, conv, job.include, job.exclude)
+    reason = job.inside.get(name) or _skip_reason(name, conv, job.include, job.exclude)
     direct = reads_attributes_of(job.dataflow, name) if reason is None else []
     if direct:
         reason = f"{DIRECT_READ} {', '.join(direct)} directly; a block has no such attribute"
@@ -393,6 +401,8 @@ def convert_model(
                 swaps.append(outcome[1])
     swap_layers(target, job.names, swaps)
     _warn_not_absorbed(job, report)
+    if not report.converted and not has_branched_blocks(target):
+        warn_nothing("convert_model", target, f"no eligible nn.Conv2d ({len(report.skipped)} skipped, see the report)")
     if not job.dataflow.traced:
         direct = [s.name for s in report.skipped if s.reason.startswith(DIRECT_READ)]
         warnings.warn(_untraceable_warning(target, job.dataflow.error, bn, args is not None, direct),
@@ -465,6 +475,9 @@ def fuse_model(
         for alias in names[id(block)]:
             _set_module(target, alias, fused)
         report.fused.append(name)
+    fuse_foreign_blocks(target, report)
+    if not report.fused:
+        warn_nothing("fuse_model", target, "no block to fuse")
     if probe is not None:
         report.max_abs_diff = max_output_difference(reference, eval_output(target, probe))
     if return_report:
@@ -605,6 +618,9 @@ def to_sgs(model: nn.Module, *, inplace: bool = False, warn: bool = True) -> SGS
             block_name=name, weight=weight_name, block=type(block).__name__, bn=block.bn,
             mask=mask.double().tolist(), exact=exact, reasons=reasons, has_constant=has_constant, frozen=not trains,
         ))
+    add_foreign_sgs(target, result)
+    if not result.report.layers:
+        warn_nothing("to_sgs", target, "no block to turn into a plain conv with a mask")
     if warn and result.report.approximate:
         warnings.warn(_sgs_warning(result.report), NotEquivalentWarning, stacklevel=2)
     return result

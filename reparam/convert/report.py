@@ -120,6 +120,7 @@ class SGSLayer:
     reasons: list[str] = field(default_factory=list)
     has_constant: bool = False
     frozen: bool = False  # the conv weight does not train: no mask (nothing for SGS to scale)
+    form: str = "mask"  # how SGS applies: "mask", "per-channel mask (...)", "preconditioner P (...)"
 
 
 def _sgs_status(layer: SGSLayer) -> str:
@@ -127,7 +128,9 @@ def _sgs_status(layer: SGSLayer) -> str:
 
 
 def _sgs_why(layer: SGSLayer) -> str:
-    return "no mask: the weight does not train" if layer.frozen else "; ".join(layer.reasons)
+    if layer.frozen:
+        return "no mask: the weight does not train"
+    return "; ".join(([] if layer.form == "mask" else [layer.form]) + layer.reasons)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
+from reparam.convert.foreign import NothingToConvertWarning, has_branched_blocks, outcome_line
 from reparam.convert.graph import error_line
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import save_masks
@@ -195,9 +196,14 @@ def convert_workflow(options: ConvertOptions) -> ConvertRun:
     if options.float64:
         original = original.double()
     probe = _probe(options, original)
-    model, report = convert_model(original, options.block, options.bn, include=options.include,
-                                  exclude=options.exclude, preserve=not options.fresh, example_input=probe,
-                                  return_report=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToConvertWarning)  # raised below as a one-line error
+        model, report = convert_model(original, options.block, options.bn, include=options.include,
+                                      exclude=options.exclude, preserve=not options.fresh, example_input=probe,
+                                      return_report=True)
+    if not report.converted and not has_branched_blocks(model):
+        raise ConversionError(f"nothing to convert in {options.model}: no eligible conv ({len(report.skipped)} "
+                              "skipped, see --include/--exclude) and no branched block reparam recognises")
     model.eval()
     with torch.no_grad():
         branched_out = model(probe)
@@ -211,6 +217,7 @@ def convert_workflow(options: ConvertOptions) -> ConvertRun:
     run.deploy, run.deploy_layout = deploy_model(original, run.fused.model, run.sgs.model)
     run.deploy_diff = max_output_difference(branched_out, eval_output(run.deploy, probe))
     run.metadata["fused_layout"] = run.deploy_layout
+    run.metadata["outcome"] = outcome_line(report, run.sgs.report)
     if not options.fresh:
         run.preserve_diff = _preservation_check(options, original, probe)
     return run

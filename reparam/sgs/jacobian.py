@@ -1,10 +1,10 @@
 """The exact preconditioner ``P = J J^T`` of any merge by autograd, reduced to a mask where possible.
 
 ``W, b = merge(theta)``: one SGD step on ``theta`` moves the merged conv by ``-lr J J^T g``
-(``g`` the gradient of the merged kernel and bias), exactly when ``merge`` is affine in ``theta``.
-``P`` is probed rather than formed: one vector-Jacobian and one Jacobian-vector product per
-kernel tap (and one for the bias), with random per-channel-pair weights, then confirmed on a
-random gradient.
+(``g`` the gradient of the merged kernel and bias), exactly when ``merge`` is affine in ``theta``
+(check :func:`affinity_defect` first). ``P`` is probed rather than formed: per kernel tap (and
+once for the bias) one vector-Jacobian product and one merge, with random per-channel-pair
+weights, then confirmed on a random gradient.
 """
 from __future__ import annotations
 
@@ -47,12 +47,17 @@ class Reduction:
 
 
 def _products(merge: Merge, params: tuple[Tensor, ...]) -> tuple[tuple[Tensor, Tensor], Callable]:
-    """``(W, b)`` and a function ``(g_W, g_b) -> J J^T (g_W, g_b)``."""
+    """``(W, b)`` and a function ``(g_W, g_b) -> J J^T (g_W, g_b)``: ``J^T g`` by a vector-Jacobian
+    product, then ``J v = merge(v) - merge(0)`` (``merge`` must be affine: :func:`affinity_defect`)."""
     out, vjp_fn = torch.func.vjp(merge, params)
+    with torch.no_grad():
+        zero_w, zero_b = merge(tuple(torch.zeros_like(p) for p in params))
 
     def apply(gw: Tensor, gb: Tensor) -> tuple[Tensor, Tensor]:
         (v,) = vjp_fn((gw, gb))
-        return torch.func.jvp(merge, (params,), (v,))[1]
+        with torch.no_grad():
+            w, b = merge(tuple(v))
+        return w - zero_w, b - zero_b
 
     return out, apply
 
@@ -88,9 +93,10 @@ def _close(a: Tensor, b: Tensor, scale: float) -> bool:
 def jacobian_reduction(merge: Merge, params: Sequence[Tensor], seed: int = 0) -> Reduction:
     """Probe ``P = J J^T`` of ``merge`` at ``params`` and reduce it (see :class:`Reduction`).
 
-    Per tap ``t``: ``g[o, i, t] = r[o, i]`` (random), zero elsewhere, gives column ``t`` of every
-    channel pair's ``P_oi`` (divided by ``r``) if ``P`` acts per channel pair; a final random
-    gradient confirms that it does (and that kernel and bias do not mix).
+    ``merge`` must be affine in ``params``. Per tap ``t``: ``g[o, i, t] = r[o, i]`` (random), zero
+    elsewhere, gives column ``t`` of every channel pair's ``P_oi`` (divided by ``r``) if ``P`` acts
+    per channel pair; a final random gradient confirms that it does (and that kernel and bias do
+    not mix).
     """
     params = tuple(p.detach() for p in params)
     gen = torch.Generator().manual_seed(seed)
