@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from reparam.adapters import find_blocks, recognise, to_sgs_foreign
 from reparam.blocks import ReparamBlock
-from reparam.convert import convert_model, find_conv_bn_pairs, load_model, to_sgs
+from reparam.convert import NothingToConvertWarning, convert_model, find_conv_bn_pairs, load_model, to_sgs
 from reparam.convert.graph import error_line
 from reparam.errors import ConfigError
 from reparam.kernels import fold_batchnorm
@@ -286,7 +286,10 @@ def _branched(model: nn.Module, block: str, bn: str) -> tuple[nn.Module, str]:
     if foreign:
         kinds = ", ".join(sorted({adapter.kind for _, adapter in foreign}))
         return model, f"{len(foreign)} recognised branched blocks ({kinds}): used as they are (block/bn ignored)"
-    if to_sgs(model, warn=False).masks:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NothingToConvertWarning)  # only probing: a plain model is expected
+        branched_already = bool(to_sgs(model, warn=False).masks)
+    if branched_already:
         return model, "the model is branched already: used as it is (block/bn ignored)"
     converted, report = convert_model(model, block=block, bn=bn, inplace=True, return_report=True)
     if not report.converted:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 #: the exit status when the configuration is too ill-conditioned to judge
 ILL_CONDITIONED_EXIT = 3
@@ -105,7 +106,8 @@ def run_model(args: argparse.Namespace) -> int:
     try:
         optimizer = parse_optimizer(args.optimizer)
         schedule = parse_schedule(args.schedule) if args.schedule is not None else None
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             result = verify_model(
                 args.model, block=args.block, bn=args.bn[0] if args.bn else "after", optimizer=optimizer,
                 schedule=schedule, steps=args.steps or DEFAULT_STEPS, batch_size=args.batch_size,
@@ -120,6 +122,8 @@ def run_model(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("reparam verify: interrupted; no report written", file=sys.stderr)
         return INTERRUPTED
+    for warning in caught:  # one line each (conversion notes such as a BN that was not absorbed)
+        print(f"reparam verify: warning: {str(warning.message).splitlines()[0]}"[:300], file=sys.stderr)
     _print_outcome(result, paths)
     if result.verdict == ILL_CONDITIONED:
         return ILL_CONDITIONED_EXIT
