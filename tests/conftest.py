@@ -6,7 +6,10 @@ A test that needs fewer examples than the profile writes
 ``ci`` (25 examples, :data:`~verification.strategies.BASE_EXAMPLES`), proportionally more under
 ``thorough``, so the thorough run reaches every property test."""
 import os
+import sys
+from collections.abc import Callable, Iterator
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
@@ -51,3 +54,21 @@ def surrogate_grad(z: torch.Tensor, target: torch.Tensor, alpha: float, loss_sca
     z = z.detach().to(dtype or z.dtype).clone().requires_grad_()
     (grad,) = torch.autograd.grad(loss_scale * F.cross_entropy(alpha * z, target, **kw) / alpha, z)
     return grad
+
+
+@pytest.fixture()
+def model_module(tmp_path, monkeypatch) -> Iterator[Callable[[str], str]]:
+    """``model_module(source) -> name``: write ``source`` as an importable module with a name
+    unique to the test (for ``module:callable`` model specs), and forget it afterwards."""
+    names: list[str] = []
+
+    def write(source: str) -> str:
+        name = f"reparam_test_models_{tmp_path.name.replace('-', '_')}_{len(names)}"
+        (tmp_path / f"{name}.py").write_text(source)
+        names.append(name)
+        return name
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield write
+    for name in names:
+        sys.modules.pop(name, None)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 
 import pytest
@@ -32,12 +31,8 @@ TINY = textwrap.dedent(
 
 
 @pytest.fixture()
-def tiny_module(tmp_path, monkeypatch):
-    name = f"reparam_cli_tiny_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(TINY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+def tiny_module(model_module):
+    return model_module(TINY)
 
 
 @pytest.mark.parametrize("block,bn", [("acb", "after"), ("dbb", "branch")])

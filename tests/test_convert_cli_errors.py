@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import textwrap
 
 import pytest
@@ -31,12 +30,8 @@ NETS = textwrap.dedent("""
 
 
 @pytest.fixture()
-def nets(tmp_path, monkeypatch):
-    name = f"reparam_cli_err_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(NETS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+def nets(model_module):
+    return model_module(NETS)
 
 
 def _one_line_error(capsys, command: str, *words: str) -> str:

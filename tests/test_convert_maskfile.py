@@ -113,3 +113,18 @@ def test_not_a_mask_file_and_bad_schema(tmp_path):
         load_masks(future, plain)
     with pytest.raises(MaskFileError, match="no such mask file"):
         load_masks(tmp_path / "missing.safetensors", plain)
+
+
+@pytest.mark.parametrize("header_length", [0x0180, 0x0280, 0x0580])
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_not_a_pickle(tmp_path, header_length):
+    """The 8-byte length of a safetensors header can begin with 0x80 0x01..0x05 (a pickle's
+    protocol marker): such a file is still read as safetensors, never reported as a pickle."""
+    from reparam.convert.maskfile import _foreign_format
+
+    path = tmp_path / "masks.safetensors"
+    path.write_bytes(header_length.to_bytes(8, "little") + b"{" + b" " * (header_length - 2) + b"}")
+    assert path.read_bytes()[:2] == header_length.to_bytes(8, "little")[:2] and path.read_bytes()[0] == 0x80
+    assert _foreign_format(str(path)) is None
+    pickled = tmp_path / "masks2.safetensors"
+    pickled.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)
+    assert "pickle" in _foreign_format(str(pickled))

@@ -39,12 +39,8 @@ SMALL = ["--batches", "2", "--batch-size", "6", "--image-size", "12"]
 
 
 @pytest.fixture()
-def nets(tmp_path, monkeypatch):
-    name = f"reparam_mi_tiny_{tmp_path.name.replace('-', '_')}"
-    (tmp_path / f"{name}.py").write_text(TINY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield name
-    sys.modules.pop(name, None)
+def nets(model_module):
+    return model_module(TINY)
 
 
 @pytest.fixture()

@@ -41,8 +41,7 @@ from tqdm.auto import tqdm
 from reparam.adapters import find_blocks, recognise, to_sgs_foreign
 from reparam.blocks import ReparamBlock
 from reparam.convert import NothingToConvertWarning, convert_model, find_conv_bn_pairs, load_model, to_sgs
-from reparam.convert.graph import error_line
-from reparam.errors import ConfigError
+from reparam.errors import ConfigError, error_line
 from reparam.kernels import fold_batchnorm
 from reparam.sgs import NotEquivalentWarning, attach_sgs
 from reparam.sgs.theory import inexact_reasons_for_steps, why_exact

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from reparam.errors import sigterm_as_interrupt  # noqa: F401 (the commands' one import for it)
 
+#: what ``--model`` accepts, for every command that loads a model
+MODEL_SPEC_HELP = ("'torchvision:<name>' or 'timm:<name>[?key=value&...]' (random weights, no download) or "
+                   "'module:callable' (called with no arguments; the module may live in the current directory)")
 #: the exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it
 INTERRUPTED = 130
 #: the exit status of a usage error (bad argument, unusable output or device)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import argparse
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS
+from reparam.cli._common import MODEL_SPEC_HELP
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, metavar="SPEC",
-        help="'torchvision:<name>' or 'timm:<name>[?key=value&...]' (random weights, no download) or "
-             "'module:callable' (called with no arguments; the module may live in the current directory)",
+        help=MODEL_SPEC_HELP,
     )
     parser.add_argument("--block", choices=sorted(BLOCKS), default="acb", help="block type (default: acb)")
     parser.add_argument(

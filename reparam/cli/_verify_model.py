@@ -12,6 +12,9 @@ import argparse
 import sys
 import warnings
 
+from reparam.blocks import BLOCKS
+from reparam.cli._common import INTERRUPTED, MODEL_SPEC_HELP, fail, output_dir_problem, sigterm_as_interrupt
+
 #: the exit status when the configuration is too ill-conditioned to judge
 ILL_CONDITIONED_EXIT = 3
 SHOWN_COLUMNS = ["layer", "expected", "observed", "max_rel_dev", "floor_rel_dev", "moved_rel"]
@@ -23,7 +26,6 @@ DEFAULT_OPTIMIZER = "SGD(lr=0.1, momentum=0.9)"
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``reparam verify --model`` (``--bn``, ``--steps``, ``--dtype``, ``--device``,
     ``--seed`` and ``--out`` are shared with the block suite)."""
-    from reparam.blocks import BLOCKS
     from verification.model import DEFAULT_BATCH, DEFAULT_IMAGE, DEFAULT_STEPS
 
     group = parser.add_argument_group(
@@ -31,8 +33,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "SGS against the noise floor measured in the same run (--bn takes one placement, default after; --steps "
         f"defaults to {DEFAULT_STEPS}; reports verify_model.* in --out; exit 3: too ill-conditioned to judge)")
     group.add_argument("--model", metavar="SPEC", default=None,
-                       help="torchvision:<name>, timm:<name> or module:callable (random weights); converted unless "
-                       "already branched")
+                       help=MODEL_SPEC_HELP + "; converted unless already branched")
     group.add_argument("--block", choices=list(BLOCKS), help="block each conv becomes (default: acb)")
     group.add_argument("--optimizer", metavar="SPEC",
                        help=f"any torch.optim optimizer with keyword literals (default: {DEFAULT_OPTIMIZER!r})")
@@ -62,8 +63,7 @@ def _fill_defaults(args: argparse.Namespace) -> None:
 
 def _problem(args: argparse.Namespace) -> str | None:
     """Every usage error found before building anything (one line), or None."""
-    from reparam.cli._common import output_dir_problem
-    from reparam.cli.verify import device_problem
+    from reparam.cli.verify import device_problem  # here: reparam.cli.verify imports this module
 
     if args.model is None:
         given = [f"--{name.replace('_', '-')}" for name in MODEL_ONLY if getattr(args, name) is not None]
@@ -94,7 +94,6 @@ def _print_outcome(result, paths) -> None:
 def run_model(args: argparse.Namespace) -> int:
     """Run ``reparam verify --model`` (call it when :func:`wants_model`); returns the exit status
     (see the module docstring)."""
-    from reparam.cli._common import INTERRUPTED, fail, sigterm_as_interrupt
     from reparam.cli.verify import DTYPES
     from reparam.errors import ReparamError
     from verification.model import DEFAULT_STEPS, ILL_CONDITIONED, verify_model

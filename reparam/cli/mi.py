@@ -10,7 +10,7 @@ import os
 import sys
 from typing import Any
 
-from reparam.cli._common import INTERRUPTED, fail, prepare_output
+from reparam.cli._common import INTERRUPTED, MODEL_SPEC_HELP, fail, prepare_output
 from reparam.sgs.dependence import MEASURES
 
 
@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
                     "pixels of its input (the SGS paper's method) on random crops of real images, and save it.",
     )
     parser.add_argument("--model", required=True, metavar="SPEC",
-                        help="'torchvision:<name>' (random weights, no download) or 'module:callable'")
+                        help=MODEL_SPEC_HELP)
     parser.add_argument("--images", default="natural", metavar="natural|DIR",
                         help="'natural' (photographs shipped with scikit-image / scikit-learn) or a folder of images "
                              "(torchvision ImageFolder layout or plain files); default: natural")
