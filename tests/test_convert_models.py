@@ -5,14 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import F64_TOL, rel_err
 from torch import nn
 
 from reparam.blocks import ReparamBlock
 from reparam.convert import UntraceableModelWarning, convert_model, find_conv_bn_pairs, fuse_model
 from reparam.convert.workflow import randomized_copy
 from reparam.errors import ConfigError
-
-RTOL = 1e-10
 
 
 def randomized_reference(cls: type[nn.Module], size: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -23,10 +22,6 @@ def randomized_reference(cls: type[nn.Module], size: int) -> tuple[nn.Module, to
     x = torch.randn(2, 3, size, size, dtype=torch.float64)
     with torch.no_grad():
         return original, x, original(x)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 # model -> (second BN placement, options per block to keep DBB's wide 1x1->KxK merge cheap)
@@ -76,13 +71,13 @@ def test_torchvision_models_preserve_and_fuse(name, block, bn):
     converted.eval()
     with torch.no_grad():
         out = converted(x)
-    assert _rel(out, reference) <= RTOL
+    assert rel_err(out, reference) <= F64_TOL
     fused, diff = fuse_model(converted, probe=x, return_report=True)
     assert not any(isinstance(m, ReparamBlock) for m in fused.modules())
     with torch.no_grad():
         fused_out = fused(x)
-    assert _rel(fused_out, out) <= RTOL
-    assert diff <= RTOL * float(out.abs().max())
+    assert rel_err(fused_out, out) <= F64_TOL
+    assert diff <= F64_TOL * float(out.abs().max())
 
 
 def test_resnet18_report_and_skips():
@@ -185,10 +180,10 @@ def test_edge_cases(cls, block, bn):
         assert all(m.eps == 1e-3 and m.momentum == 0.3 for m in converted.c1.modules() if isinstance(m, nn.BatchNorm2d))
     with torch.no_grad():
         out = converted(x)
-    assert _rel(out, reference) <= RTOL
+    assert rel_err(out, reference) <= F64_TOL
     fused, diff = fuse_model(converted, probe=x, return_report=True)
     with torch.no_grad():
-        assert _rel(fused(x), out) <= RTOL
+        assert rel_err(fused(x), out) <= F64_TOL
 
 
 def test_include_exclude_patterns():
@@ -242,7 +237,7 @@ def test_pairing_follows_dataflow_not_names():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     converted = convert_model(original, "repvgg", "after").eval()
     with torch.no_grad():
-        assert _rel(converted(x), original(x)) <= RTOL
+        assert rel_err(converted(x), original(x)) <= F64_TOL
 
 
 @pytest.mark.parametrize("block", ["acb", "repvgg", "dbb"])

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reparam.blocks import BLOCKS, BN_PLACEMENTS, DBB_BRANCHES, ReparamBlock
+from reparam.convert.randomize import randomize_batchnorms_
 from verification.optimizers import ADAPTIVE_OPTIMIZERS  # the theory's element-wise adaptive classes
 
 __all__ = [
@@ -205,26 +206,10 @@ class BNState:
     @torch.no_grad()
     def __call__(self, block: nn.Module) -> nn.Module:
         gen = torch.Generator().manual_seed(self.seed)
-        lo, hi = self.var_range
-
-        def rand(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-            return torch.rand(shape, generator=gen, dtype=torch.float64).to(like.dtype)
-
-        def randn(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-            return torch.randn(shape, generator=gen, dtype=torch.float64).to(like.dtype)
-
-        for module in block.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eps = self.eps
-                if module.running_mean is not None:
-                    module.running_mean.copy_(randn(module.running_mean.shape, module.running_mean) * self.mean_scale)
-                    module.running_var.copy_(lo + (hi - lo) * rand(module.running_var.shape, module.running_var))
-                if module.weight is not None:
-                    module.weight.copy_(1.0 + randn(module.weight.shape, module.weight) * 0.5 * self.affine_scale)
-                    module.bias.copy_(randn(module.bias.shape, module.bias) * self.affine_scale)
+        randomize_batchnorms_(block, gen, self.mean_scale, self.var_range, 0.5 * self.affine_scale, self.affine_scale, self.eps)
         bias = getattr(block, "bias", None)
         if isinstance(bias, torch.Tensor):
-            bias.copy_(randn(bias.shape, bias) * self.affine_scale)
+            bias.copy_(torch.randn(bias.shape, generator=gen, dtype=torch.float64).to(bias.dtype) * self.affine_scale)
         return block
 
 

@@ -26,11 +26,13 @@ from reparam.convert.maskfile import (
     validate_mask_file,
 )
 from reparam.convert.model import ConvBN, convert_model, fuse_model, max_output_difference, to_sgs
+from reparam.convert.randomize import randomize_batchnorms_
 from reparam.convert.report import ConversionReport, ConvertedLayer, SGSLayer, SGSReport, SkippedLayer
 from reparam.convert.results import ConvertResult, FuseReport, FuseResult, LoadedMasks, SGSConversion
 from reparam.errors import BatchNormNotAbsorbedWarning, MaskFileWarning, NothingToConvertWarning, UntraceableModelWarning
 
 __all__ = [
+    "randomize_batchnorms_",
     "BatchNormNotAbsorbedWarning",
     "ConvBN",
     "ConversionReport",

@@ -28,6 +28,7 @@ from reparam.convert.foreign import has_branched_blocks, outcome_line
 from reparam.convert.loading import load_model
 from reparam.convert.maskfile import save_masks
 from reparam.convert.model import convert_model, eval_output, fuse_model, max_output_difference, to_sgs
+from reparam.convert.randomize import randomize_batchnorms_
 from reparam.convert.report import ConversionReport
 from reparam.convert.results import FuseResult, SGSConversion
 from reparam.errors import ConfigError, ConversionError, NothingToConvertWarning, error_line
@@ -130,19 +131,13 @@ def randomized_copy(model: nn.Module, seed: int) -> nn.Module:
     """A copy of ``model`` whose BatchNorm running statistics and affine parameters and conv
     biases are random (deterministic in ``seed``), so that a function-preservation check
     cannot pass by accident (torchvision's fresh BatchNorms are the identity in eval mode)."""
-    copied = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    for module in copied.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            n = module.num_features
-            if module.running_mean is not None:
-                module.running_mean.copy_(0.2 * torch.randn(n, generator=gen))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=gen))
-            if module.affine:
-                module.weight.copy_(1 + 0.3 * torch.randn(n, generator=gen))
-                module.bias.copy_(0.2 * torch.randn(n, generator=gen))
-        elif isinstance(module, nn.Conv2d) and module.bias is not None:
-            module.bias.copy_(0.1 * torch.randn(module.out_channels, generator=gen))
+    copied = randomize_batchnorms_(copy.deepcopy(model), gen, mean_scale=0.2, var_range=(0.5, 1.5),
+                                   gamma_scale=0.3, beta_scale=0.2)
+    with torch.no_grad():
+        for module in copied.modules():
+            if isinstance(module, nn.Conv2d) and module.bias is not None:
+                module.bias.copy_(0.1 * torch.randn(module.out_channels, generator=gen, dtype=torch.float64))
     return copied
 
 
