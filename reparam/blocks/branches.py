@@ -50,6 +50,17 @@ def _align(x: Tensor, padding: tuple[int, int]) -> tuple[Tensor, tuple[int, int]
     return F.pad(x, (pw, pw, ph, ph)), (0, 0)
 
 
+def _first_stage(branch: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The 1x1 conv (and BN) that opens a DBB sequential branch, and the padding its second stage
+    must use: with a BN, the ring carries the BN's response to zero (``beta - mu·gamma/sigma``),
+    so the output is pre-padded and the second stage pads by 0."""
+    g = branch.geometry
+    y = F.conv2d(x, branch.first, None, 1, 0, 1, g.groups)
+    if branch.first_bn is None:
+        return y, g.padding
+    return _pad_with_zero_response(branch.first_bn(y), y, branch.first_bn, g.padding), (0, 0)
+
+
 def _pad_with_zero_response(y: Tensor, pre: Tensor, bn: nn.BatchNorm2d, padding: tuple[int, int]) -> Tensor:
     """Pad ``y = bn(pre)`` with what ``bn`` outputs for a zero input, ``beta - mu gamma / sigma``,
     so that a following KxK conv sees the same ring as if the 1x1 stage ran on a zero-padded input.
@@ -220,11 +231,7 @@ class SequentialBranch(Branch):
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.geometry
-        y = F.conv2d(x, self.first, None, 1, 0, 1, g.groups)
-        padding = g.padding
-        if self.first_bn is not None:
-            y = _pad_with_zero_response(self.first_bn(y), y, self.first_bn, g.padding)
-            padding = (0, 0)
+        y, padding = _first_stage(self, x)
         y = F.conv2d(y, self.second, None, g.stride, padding, g.dilation, g.groups)
         return y if self.second_bn is None else self.second_bn(y)
 
@@ -268,11 +275,7 @@ class AverageBranch(Branch):
 
     def forward(self, x: Tensor) -> Tensor:
         g = self.geometry
-        y = F.conv2d(x, self.first, None, 1, 0, 1, g.groups)
-        padding = g.padding
-        if self.first_bn is not None:
-            y = _pad_with_zero_response(self.first_bn(y), y, self.first_bn, g.padding)
-            padding = (0, 0)
+        y, padding = _first_stage(self, x)
         pool = average_kernel(g.out_channels, g.out_channels, g.kernel_size, dtype=y.dtype, device=y.device)
         y = F.conv2d(y, pool, None, g.stride, padding, g.dilation, g.out_channels)
         return y if self.second_bn is None else self.second_bn(y)
