@@ -145,6 +145,7 @@ def _fsdp2(rank, out, notes):
     model = fully_shard(_cnn())
     opt = _sgd(model)
     dyn = DynamicSGS(model, opt, _loader(rank), warmup=1, every=1, num_batches=2)
+    out.update({f"fsdp2_first/{n}": g for n, g in dyn.refresh().items()})
     for epoch in range(3):
         dyn.epoch_start(epoch)
         _train(model, opt, rank, steps=2)
@@ -223,6 +224,18 @@ def test_fsdp2_dynamic_sgs_matches_ddp(ranks):
     (r0, n0), (r1, _) = ranks
     _skip_without_fsdp2(n0)
     names = [k[len("G/"):] for k in r0 if k.startswith("G/")]
-    assert names and all(torch.equal(r0[f"fsdp2_G/{n}"], r0[f"G/{n}"]) for n in names)
+    assert names and all(torch.equal(r0[f"fsdp2_first/{n}"], r0[f"first/{n}"]) for n in names)  # FSDP2 forward
+    assert all(torch.equal(r0[f"fsdp2_G/{n}"], r0[f"G/{n}"]) for n in names)
+    assert all(not torch.allclose(r0[f"fsdp2_G/{n}"], torch.ones(3, 3, dtype=torch.float64)) for n in names)  # G moved
     assert torch.equal(r0["fsdp2_dyn_weights"], r1["fsdp2_dyn_weights"])
     assert _rel(r0["fsdp2_dyn_weights"], r0["dyn_weights"]) <= 1e-10
+
+
+def test_fsdp2_handle_keeps_only_this_ranks_share(ranks):
+    """The masks as given (full (4, 3, 3, 3) and (3, 3)); C and the snapshot only for the local
+    shard (2 of 4 output channels), float64."""
+    (_, n0), _ = ranks
+    _skip_without_fsdp2(n0)
+    masks, constant_shard, snapshot_shard = (4 * 3 * 9 + 9) * 8, 2 * 4 * 9 * 8, (2 * 3 * 9 + 2 * 4 * 9) * 8
+    assert n0["state_bytes/grad"] == masks + constant_shard
+    assert n0["state_bytes/update"] == masks + constant_shard + snapshot_shard
