@@ -621,6 +621,8 @@ def attach_sgs(
     weight decay changes, raising or warning once as above. Under GradScaler it is exact with
     fused optimizers too (the ``C`` correction is scale-correct; a skipped step moves nothing).
     Masks, constants and snapshots follow the parameter's dtype and device (``model.float()``).
+    Sharded ``DTensor`` parameters (FSDP2's ``fully_shard``) are scaled shard by shard, each
+    rank keeping only its part of ``G``, ``C`` and the snapshot (attach after sharding).
 
     ``constant_kernels`` maps parameters to the parameter-free part ``C`` of their merged
     kernel (RepVGG's identity without BN) so that weight decay pulls toward ``C``.
