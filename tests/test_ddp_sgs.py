@@ -97,30 +97,39 @@ def _fully_shard():
     return fully_shard
 
 
-def _sgs_setup(model):
-    """Masks of every kind on ``_cnn()``: a full-shape G (sliced per shard), a RepVGG (kh, kw) G
-    with its constant kernel C (sliced per shard)."""
+def _sgs_setup(model, preconditioner=False):
+    """Masks of every kind on ``_cnn()``: a full-shape G on the first conv (sliced per shard), or
+    a non-diagonal SpatialPreconditioner; RepVGG's (kh, kw) G and its constant kernel C (sliced
+    per shard) on the second."""
     from reparam import RepVGGBlock
+    from reparam.sgs.preconditioner import SpatialPreconditioner
 
+    gen = torch.Generator().manual_seed(1)
     block = RepVGGBlock(4, 4, 3, bn="none").double()
-    full = 1.0 + torch.rand(4, 3, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return {model[0].weight: full, model[2].weight: block.sgs_mask()}, {model[2].weight: block.constant_kernel()}
+    if preconditioner:
+        b = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+        first = SpatialPreconditioner(torch.eye(9, dtype=torch.float64) + 0.1 * b @ b.T)
+    else:
+        first = 1.0 + torch.rand(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    return {model[0].weight: first, model[2].weight: block.sgs_mask()}, {model[2].weight: block.constant_kernel()}
 
 
-_OPTIMIZERS = {
-    "grad": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2),
-    "update": lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1),
+_SCENARIOS = {  # name: (attach mode, optimizer, preconditioner on the first conv)
+    "grad": ("grad", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2), False),
+    "update": ("update", lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), False),
+    "preconditioner": ("grad", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2), True),
 }
 
 
-def _sharded_run(rank, mode, wrap, masks=True):
-    """``_cnn()`` wrapped (DDP or FSDP2), trained with SGS in ``mode`` (none without ``masks``)."""
+def _sharded_run(rank, scenario, wrap, masks=True):
+    """``_cnn()`` wrapped (DDP or FSDP2), trained with SGS as in ``scenario`` (plain without ``masks``)."""
     from reparam import attach_sgs
 
+    mode, make_opt, preconditioner = _SCENARIOS[scenario]
     model = _cnn()
     wrapped = wrap(model)  # fully_shard replaces the parameters: take them after wrapping
-    g, c = _sgs_setup(model)
-    opt = _OPTIMIZERS[mode](wrapped.parameters())
+    g, c = _sgs_setup(model, preconditioner)
+    opt = make_opt(wrapped.parameters())
     handle = attach_sgs(opt, g, mode=mode, constant_kernels=c) if masks else None
     _train(wrapped, opt, rank)
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
@@ -128,7 +137,7 @@ def _sharded_run(rank, mode, wrap, masks=True):
 
 
 def _fsdp2(rank, out, notes):
-    """FSDP2 (DTensor parameters sharded on dim 0) against DDP, grad and update mode; DynamicSGS."""
+    """FSDP2 (DTensor parameters sharded on dim 0) against DDP: grad and update mode, a preconditioner; DynamicSGS."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from reparam import DynamicSGS
@@ -137,7 +146,7 @@ def _fsdp2(rank, out, notes):
     if fully_shard is None:
         notes["fsdp2"] = "unavailable"
         return
-    for mode in _OPTIMIZERS:
+    for mode in _SCENARIOS:
         out[f"ddp/{mode}"], _ = _sharded_run(rank, mode, DDP)
         out[f"fsdp2/{mode}"], handle = _sharded_run(rank, mode, fully_shard)
         out[f"fsdp2_control/{mode}"], _ = _sharded_run(rank, mode, fully_shard, masks=False)
@@ -211,7 +220,7 @@ def _skip_without_fsdp2(notes):
         pytest.skip("this torch has no FSDP2 (fully_shard)")
 
 
-@pytest.mark.parametrize("mode", ["grad", "update"])
+@pytest.mark.parametrize("mode", ["grad", "update", "preconditioner"])
 def test_fsdp2_sgs_follows_the_ddp_trajectory(ranks, mode):
     (r0, n0), (r1, _) = ranks
     _skip_without_fsdp2(n0)
