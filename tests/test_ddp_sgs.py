@@ -86,41 +86,80 @@ def _dynamic(rank, out):
     out["dyn_weights"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def _fsdp2(rank, out, notes):
-    """FSDP2: attach_sgs on DTensor parameters (expected to fail: recorded), and the documented
-    workaround, G applied to each rank's local shard in a step pre-hook."""
-    from reparam import attach_sgs
-
+def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:
         try:
             from torch.distributed._composable.fsdp import fully_shard  # torch 2.4-2.5
         except ImportError:
-            notes["fsdp2"] = "unavailable"
-            return
+            return None
+    return fully_shard
 
-    _, plain, mask = _models()
-    fully_shard(plain)
-    opt = _sgd(plain)
-    handle = attach_sgs(opt, {plain[0].weight: mask})
-    try:
-        _train(plain, opt, rank, steps=1)
-        notes["attach_sgs"] = "ok"
-    except RuntimeError as err:
-        notes["attach_sgs"] = str(err).splitlines()[0]
-    handle.remove()
-    _, plain, mask = _models()
-    fully_shard(plain)
-    opt = _sgd(plain)
 
-    @torch.no_grad()
-    def scale_local_shards(optimizer, args, kwargs):
-        plain[0].weight.grad.to_local().mul_(mask.to(plain[0].weight.dtype))  # (kh, kw) broadcasts over the shard
+def _sgs_setup(model, preconditioner=False):
+    """Masks of every kind on ``_cnn()``: a full-shape G on the first conv (sliced per shard), or
+    a non-diagonal SpatialPreconditioner; RepVGG's (kh, kw) G and its constant kernel C (sliced
+    per shard) on the second."""
+    from reparam import RepVGGBlock
+    from reparam.sgs.preconditioner import SpatialPreconditioner
 
-    opt.register_step_pre_hook(scale_local_shards)
-    _train(plain, opt, rank)
-    out["fsdp2"] = plain[0].weight.full_tensor().detach()
+    gen = torch.Generator().manual_seed(1)
+    block = RepVGGBlock(4, 4, 3, bn="none").double()
+    if preconditioner:
+        b = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+        first = SpatialPreconditioner(torch.eye(9, dtype=torch.float64) + 0.1 * b @ b.T)
+    else:
+        first = 1.0 + torch.rand(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    return {model[0].weight: first, model[2].weight: block.sgs_mask()}, {model[2].weight: block.constant_kernel()}
+
+
+_SCENARIOS = {  # name: (attach mode, optimizer, preconditioner on the first conv)
+    "grad": ("grad", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2), False),
+    "update": ("update", lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1), False),
+    "preconditioner": ("grad", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-2), True),
+}
+
+
+def _sharded_run(rank, scenario, wrap, masks=True):
+    """``_cnn()`` wrapped (DDP or FSDP2), trained with SGS as in ``scenario`` (plain without ``masks``)."""
+    from reparam import attach_sgs
+
+    mode, make_opt, preconditioner = _SCENARIOS[scenario]
+    model = _cnn()
+    wrapped = wrap(model)  # fully_shard replaces the parameters: take them after wrapping
+    g, c = _sgs_setup(model, preconditioner)
+    opt = make_opt(wrapped.parameters())
+    handle = attach_sgs(opt, g, mode=mode, constant_kernels=c) if masks else None
+    _train(wrapped, opt, rank)
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in full]), handle
+
+
+def _fsdp2(rank, out, notes):
+    """FSDP2 (DTensor parameters sharded on dim 0) against DDP: grad and update mode, a preconditioner; DynamicSGS."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from reparam import DynamicSGS
+
+    fully_shard = _fully_shard()
+    if fully_shard is None:
+        notes["fsdp2"] = "unavailable"
+        return
+    for mode in _SCENARIOS:
+        out[f"ddp/{mode}"], _ = _sharded_run(rank, mode, DDP)
+        out[f"fsdp2/{mode}"], handle = _sharded_run(rank, mode, fully_shard)
+        out[f"fsdp2_control/{mode}"], _ = _sharded_run(rank, mode, fully_shard, masks=False)
+        notes[f"state_bytes/{mode}"] = handle.state_bytes
+    model = fully_shard(_cnn())
+    opt = _sgd(model)
+    dyn = DynamicSGS(model, opt, _loader(rank), warmup=1, every=1, num_batches=2)
+    out.update({f"fsdp2_first/{n}": g for n, g in dyn.refresh().items()})
+    for epoch in range(3):
+        dyn.epoch_start(epoch)
+        _train(model, opt, rank, steps=2)
+    out.update({f"fsdp2_G/{n}": g for n, g in dyn.masks.items()})
+    out["fsdp2_dyn_weights"] = torch.cat([p.full_tensor().detach().reshape(-1) for p in model.parameters()])
 
 
 def _worker(rank, init_file, out_dir):
@@ -176,10 +215,36 @@ def test_dynamic_sgs_under_ddp_computes_g_on_the_union_of_the_ranks_batches(rank
     assert any(not torch.allclose(r0[f"first/{n}"], g) for n, g in one_rank.items())  # a rank's own data differs
 
 
-def test_fsdp2_attach_sgs_limit_and_local_shard_workaround(ranks):
-    (r0, n0), (r1, _) = ranks
-    if n0.get("fsdp2") == "unavailable":
+def _skip_without_fsdp2(notes):
+    if notes.get("fsdp2") == "unavailable":
         pytest.skip("this torch has no FSDP2 (fully_shard)")
-    assert n0["attach_sgs"] == "ok" or "DTensor" in n0["attach_sgs"]
-    assert torch.equal(r0["fsdp2"], r1["fsdp2"])
-    assert _rel(r0["fsdp2"], r0["merged"]) <= 1e-10
+
+
+@pytest.mark.parametrize("mode", ["grad", "update", "preconditioner"])
+def test_fsdp2_sgs_follows_the_ddp_trajectory(ranks, mode):
+    (r0, n0), (r1, _) = ranks
+    _skip_without_fsdp2(n0)
+    assert torch.equal(r0[f"fsdp2/{mode}"], r1[f"fsdp2/{mode}"])
+    assert _rel(r0[f"fsdp2/{mode}"], r0[f"ddp/{mode}"]) <= 1e-10
+    assert _rel(r0[f"fsdp2_control/{mode}"], r0[f"ddp/{mode}"]) > 1e-4  # without G it differs: the check can fail
+
+
+def test_fsdp2_dynamic_sgs_matches_ddp(ranks):
+    (r0, n0), (r1, _) = ranks
+    _skip_without_fsdp2(n0)
+    names = [k[len("G/"):] for k in r0 if k.startswith("G/")]
+    assert names and all(torch.equal(r0[f"fsdp2_first/{n}"], r0[f"first/{n}"]) for n in names)  # FSDP2 forward
+    assert all(torch.equal(r0[f"fsdp2_G/{n}"], r0[f"G/{n}"]) for n in names)
+    assert all(not torch.allclose(r0[f"fsdp2_G/{n}"], torch.ones(3, 3, dtype=torch.float64)) for n in names)  # G moved
+    assert torch.equal(r0["fsdp2_dyn_weights"], r1["fsdp2_dyn_weights"])
+    assert _rel(r0["fsdp2_dyn_weights"], r0["dyn_weights"]) <= 1e-10
+
+
+def test_fsdp2_handle_keeps_only_this_ranks_share(ranks):
+    """The masks as given (full (4, 3, 3, 3) and (3, 3)); C and the snapshot only for the local
+    shard (2 of 4 output channels), float64."""
+    (_, n0), _ = ranks
+    _skip_without_fsdp2(n0)
+    masks, constant_shard, snapshot_shard = (4 * 3 * 9 + 9) * 8, 2 * 4 * 9 * 8, (2 * 3 * 9 + 2 * 4 * 9) * 8
+    assert n0["state_bytes/grad"] == masks + constant_shard
+    assert n0["state_bytes/update"] == masks + constant_shard + snapshot_shard

@@ -46,6 +46,11 @@ class _Masked:
     foreach pass multiplies with: ``G`` (grad mode) or ``1 - G`` (update mode: the snapshot's
     weight in the lerp), a stride-0 view broadcast to the parameter, so no memory in proportion
     to the model. ``constant`` is ``C``; ``snapshot`` the weights before the step (update mode).
+
+    A sharded parameter (a ``DTensor``, e.g. under FSDP2's ``fully_shard``) is handled through
+    its local shard (:meth:`local`, which shares storage): ``factor``, ``constant``,
+    ``snapshot`` and ``workspace`` are this rank's part, sliced along the sharded dims where
+    ``G`` or ``C`` extend along them (``G`` of shape ``(kh, kw)`` stays a stride-0 view).
     """
 
     param: nn.Parameter
@@ -59,6 +64,7 @@ class _Masked:
     snapshot: Tensor | None = None
     dtype: torch.dtype | None = None
     device: torch.device | None = None
+    sharded: bool = False
 
     def fit(self, mode: str | None = None) -> None:
         """(Re)build everything derived from the parameter's dtype and device (masks, constants
@@ -66,18 +72,38 @@ class _Masked:
         self.mode = mode or self.mode
         p = self.param
         like = {"dtype": p.dtype, "device": p.device}
+        self.sharded = _is_sharded(p)
+        fitted = self._shard if self.sharded else (lambda t: t.expand(p.shape))
         self.factor = self.workspace = self.snapshot = None
         if self.preconditioner is not None:
             self.preconditioner = SpatialPreconditioner(self.preconditioner.matrix.to(**like))
-            self.workspace = torch.empty(p.numel(), **like)
+            self.workspace = torch.empty(self.local(p).numel(), **like)
         else:
             self.mask = self.mask.to(**like)
-            self.factor = (self.mask if self.mode == "grad" else 1.0 - self.mask).expand(p.shape)
+            self.factor = fitted(self.mask if self.mode == "grad" else 1.0 - self.mask)
         if self.constant is not None:
             self.constant = self.constant.to(**like)
+            if self.sharded and self.constant.shape == p.shape:  # the full C: keep this rank's part only
+                self.constant = self._shard(self.constant).contiguous()
         if self.mode == "update":
-            self.snapshot = torch.empty_like(p, memory_format=torch.preserve_format)
+            self.snapshot = torch.empty_like(self.local(p), memory_format=torch.preserve_format)
         self.dtype, self.device = p.dtype, p.device
+
+    def local(self, tensor: Tensor) -> Tensor:
+        """The parameter (or its gradient) as the foreach passes see it: this rank's shard of a
+        ``DTensor`` (sharing its storage, so in-place updates land in the ``DTensor``)."""
+        return tensor.to_local() if self.sharded else tensor
+
+    def _shard(self, full: Tensor) -> Tensor:
+        """This rank's part of ``full`` (broadcastable to the sharded parameter): sliced along
+        each sharded dim it extends along, broadcast (stride 0) along the others."""
+        p = self.param
+        aligned = full.reshape((1,) * (p.ndim - full.ndim) + tuple(full.shape))
+        dims = {pl.dim % p.ndim for pl in p.placements if pl.is_shard()}
+        if any(aligned.shape[d] != 1 for d in dims):
+            target = [p.shape[d] if d in dims else aligned.shape[d] for d in range(p.ndim)]
+            aligned = _distribute(aligned.expand(target).contiguous(), p.device_mesh, p.placements).to_local()
+        return aligned.expand(self.local(p).shape)
 
     def follow(self) -> None:
         """Re-fit after ``model.float()`` / ``.to(device)`` changed the parameter."""
@@ -274,7 +300,8 @@ class SGSHandle:
         if self.mode == "grad":
             self._scale_gradients()
         else:
-            _copy_all([r.snapshot for _, rs in self._active for r in rs], [r.param for _, rs in self._active for r in rs])
+            records = [r for _, rs in self._active for r in rs]
+            _copy_all([r.snapshot for r in records], [r.local(r.param) for r in records])
         self._prepared = True
 
     @torch.no_grad()
@@ -292,7 +319,7 @@ class SGSHandle:
             with_c = [r for r in records if r.constant is not None]
             if decay is not None and with_c:
                 # decoupled decay pulls the merged kernel toward 0, the branches pull W - C: add back (1 - f) C
-                _add_product([r.param for r in with_c], [r.constant for r in with_c], decay.amount)
+                _add_product([r.local(r.param) for r in with_c], [r.constant for r in with_c], decay.amount)
 
     def _decoupled(self, group: dict, records: list[_Masked]) -> _Decay | None:
         """The group's decoupled decay factor ``f = 1 - lr wd`` computed as torch's optimizers do
@@ -322,17 +349,17 @@ class SGSHandle:
         records = [r for _, rs in self._active for r in rs]
         for r in records:
             if r.preconditioner is not None:
-                r.preconditioner.apply_(r.param.grad, r.workspace)
+                r.preconditioner.apply_(r.local(r.param.grad), r.workspace)
         masked = [r for r in records if r.preconditioner is None]
         if masked:
-            torch._foreach_mul_([r.param.grad for r in masked], [r.factor for r in masked])
+            torch._foreach_mul_([r.local(r.param.grad) for r in masked], [r.factor for r in masked])
         scale = getattr(self.optimizer, "grad_scale", None)
         for group, records in self._active:
             wd = coupled_decay(self.optimizer, group)
             with_c = [r for r in records if r.constant is not None]
             if wd and with_c:
                 sign = 1.0 if group.get("maximize", False) else -1.0  # +wd C when the optimizer negates g
-                _add_product([r.param.grad for r in with_c], [r.constant for r in with_c], sign * wd, scale)
+                _add_product([r.local(r.param.grad) for r in with_c], [r.constant for r in with_c], sign * wd, scale)
 
     @torch.no_grad()
     def _scale_updates(self, decays: list[_Decay | None]) -> None:
@@ -346,7 +373,35 @@ class SGSHandle:
                 factor = decay.factor if not isinstance(decay.factor, Tensor) else [decay.factor] * len(snapshots)
                 torch._foreach_mul_(snapshots, factor)
         records = [r for _, rs in self._active for r in rs]
-        _lerp_all([r.param for r in records], [r.snapshot for r in records], [r.factor for r in records])
+        _lerp_all([r.local(r.param) for r in records], [r.snapshot for r in records], [r.factor for r in records])
+
+
+@functools.cache
+def _dtensor_api() -> tuple[type, Callable] | None:
+    """``(DTensor, distribute_tensor)`` of this torch (public from 2.5, private before), or None."""
+    try:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor, distribute_tensor
+        except ImportError:
+            return None
+    return DTensor, distribute_tensor
+
+
+def _is_sharded(tensor: Tensor) -> bool:
+    api = _dtensor_api() if type(tensor) is not nn.Parameter and type(tensor) is not Tensor else None
+    return api is not None and isinstance(tensor, api[0])
+
+
+def _distribute(full: Tensor, mesh, placements) -> Tensor:
+    """``full`` as a DTensor placed like a parameter, each rank slicing its own copy (no
+    communication; before torch 2.5, ``distribute_tensor`` broadcasts from rank 0: same values)."""
+    distribute_tensor = _dtensor_api()[1]
+    try:
+        return distribute_tensor(full, mesh, placements, src_data_rank=None)
+    except TypeError:
+        return distribute_tensor(full, mesh, placements)
 
 
 def _add_product(targets: list[Tensor], sources: list[Tensor], value: float | Tensor, scale: Tensor | None = None) -> None:
@@ -566,6 +621,8 @@ def attach_sgs(
     weight decay changes, raising or warning once as above. Under GradScaler it is exact with
     fused optimizers too (the ``C`` correction is scale-correct; a skipped step moves nothing).
     Masks, constants and snapshots follow the parameter's dtype and device (``model.float()``).
+    Sharded ``DTensor`` parameters (FSDP2's ``fully_shard``) are scaled shard by shard, each
+    rank keeping only its part of ``G``, ``C`` and the snapshot (attach after sharding).
 
     ``constant_kernels`` maps parameters to the parameter-free part ``C`` of their merged
     kernel (RepVGG's identity without BN) so that weight decay pulls toward ``C``.

@@ -208,7 +208,24 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
             handle.remove()
         for module, flag in flags.items():
             module.training = flag
+        _reshard(model)
     return stats
+
+
+def _reshard(model: nn.Module) -> None:
+    """Return FSDP2 (``fully_shard``) modules to their sharded parameters: a forward without a
+    backward leaves the root's parameters gathered, registered as plain tensors that no
+    optimizer holds (``model.get_parameter`` would then name the wrong tensor)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule  # torch >= 2.6
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule  # torch 2.4-2.5
+        except ImportError:
+            return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K, diagonal_removal: bool = False,
