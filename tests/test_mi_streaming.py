@@ -165,20 +165,40 @@ def test_autocorrelation_measure_runs():
 
 
 @pytest.mark.parametrize("n", [1, 3])
-def test_keep_last_batch_saves_one_forward_and_changes_nothing(n):
+def test_kept_batches_save_forwards_and_change_nothing(n):
+    """Pass 2 skips the forwards of the batches whose layer inputs pass 1 kept: all of them when
+    they fit in ``keep_bytes`` (n forwards), only the last one with no budget (2n - 1), none with
+    ``keep_last_batch=False`` (2n); the counts are the same every way."""
     from reparam.sgs.streaming import collect_statistics
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     data = batches(n=n)
-    fast = collect_statistics(model, data)
-    assert len(calls) == 2 * n - 1
-    calls.clear()
-    slow = collect_statistics(model, data, keep_last_batch=False)
-    assert len(calls) == 2 * n
-    for name in fast:
-        assert torch.equal(fast[name].counts, slow[name].counts)
+    runs = {}
+    for label, options, forwards in [("all", {}, n), ("last", {"keep_bytes": 0}, 2 * n - 1),
+                                     ("none", {"keep_last_batch": False}, 2 * n)]:
+        calls.clear()
+        runs[label] = collect_statistics(model, data, **options)
+        assert len(calls) == forwards, label
+    for name in runs["all"]:
+        assert torch.equal(runs["all"][name].counts, runs["none"][name].counts)
+        assert torch.equal(runs["last"][name].counts, runs["none"][name].counts)
+
+
+def test_kept_batches_stay_within_the_budget():
+    """With room for two batches of layer inputs, the last two are kept (whatever n): memory stays
+    bounded by the budget, and pass 2 runs n - 2 forwards."""
+    from reparam.sgs.streaming import collect_statistics
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+    data = batches(n=5)
+    x = data[0][0] if isinstance(data[0], (tuple, list)) else data[0]
+    one_batch = 4 * x.shape[0] * (3 + 4) * (x.shape[-2] + 2) * (x.shape[-1] + 2)  # both padded inputs, float32
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    collect_statistics(model, data, keep_bytes=2 * one_batch)
+    assert len(calls) == 5 + 3
 
 
 @pytest.mark.parametrize("diagonal_removal", [False, True])

@@ -26,6 +26,9 @@ from reparam.sgs.dependence import (
 
 __all__ = ["collect_statistics", "masks_from_data", "padded_input", "qualifying_convs"]
 
+#: layer inputs of the range pass kept for the count pass (saving their forwards), at most this many bytes
+DEFAULT_KEEP_BYTES = 1 << 30
+
 Statistic = HistogramStatistic | CorrelationStatistic
 
 
@@ -70,10 +73,10 @@ def _fingerprint(inputs: Tensor) -> tuple:
 
 def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc: str, progress: bool,
          fingerprints: list[tuple] | None, before: Callable[[], None] | None = None,
-         skip_last: bool = False) -> list[tuple]:
+         skip_last: int = 0) -> list[tuple]:
     """One pass of the model over ``batches``; checks pass 2 saw the same batches as pass 1.
-    ``before()`` runs before each forward; ``skip_last``: no forward for the last batch (pass 2
-    counts it from the maps kept in pass 1)."""
+    ``before()`` runs before each forward; ``skip_last``: no forward for the last ``skip_last``
+    batches (pass 2 counts them from the maps kept in pass 1)."""
     seen = []
     iterator = batches
     if progress:
@@ -87,7 +90,7 @@ def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc:
             raise ConfigError(
                 f"batch {i} differs between the two passes over `batches` (shuffled or augmented loader?); the "
                 "statistic reads the batches twice: pass a list, e.g. list(itertools.islice(loader, n))")
-        if skip_last and i == len(fingerprints) - 1:
+        if skip_last and i >= len(fingerprints) - skip_last:
             continue
         if before is not None:
             before()
@@ -95,6 +98,27 @@ def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc:
     if fingerprints is not None and len(seen) != len(fingerprints):
         raise ConfigError(f"`batches` gave {len(fingerprints)} batches, then {len(seen)}; pass a list of batches")
     return seen
+
+
+def _trim(kept: list[dict[str, list[Tensor]]], keep_bytes: int, reserve: bool = False) -> None:
+    """Drop the oldest kept batches until the rest fit in ``keep_bytes``: what stays is the last
+    batches, whose forwards pass 2 then skips. Before a new batch (``reserve``) room is made for one
+    more of the newest one's size (all may go); after the last, the newest always stays."""
+    sizes = [sum(x.numel() * x.element_size() for maps in batch.values() for x in maps) for batch in kept]
+    room = keep_bytes - (sizes[-1] if reserve and sizes else 0)
+    while len(kept) > (0 if reserve else 1) and sum(sizes) > room:
+        kept.pop(0)
+        sizes.pop(0)
+
+
+def _agree(kept: list, group: object | None) -> None:
+    """Under torch.distributed every rank keeps as many batches as the rank that kept fewest, so that
+    all run the same number of forwards in pass 2 (FSDP's forwards are collectives)."""
+    import torch.distributed as dist
+
+    count = torch.tensor([len(kept)], dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
+    del kept[: len(kept) - int(count)]
 
 
 def _distributed_group(process_group: object | None) -> tuple[bool, object | None]:
@@ -151,13 +175,15 @@ def _scaling(name: str, statistic: Statistic, k: float, weight: Tensor) -> Tenso
 
 def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal: bool = False,
                        exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
-                       progress: bool = False, keep_last_batch: bool = True) -> dict[str, Statistic]:
+                       progress: bool = False, keep_last_batch: bool = True,
+                       keep_bytes: int = DEFAULT_KEEP_BYTES) -> dict[str, Statistic]:
     """The streamed per-layer statistics behind :func:`masks_from_data` (same arguments), keyed by
     weight parameter name: counts (``.counts``) and ``.dependence(k)`` for inspection and plots.
 
-    ``keep_last_batch``: keep the last batch's layer inputs from the range pass and count them
-    without a second forward (n + (n - 1) forwards instead of 2n; memory: one batch of layer inputs,
-    whatever the number of batches)."""
+    ``keep_last_batch``: keep the layer inputs of the last batches of the range pass — the last one
+    always, earlier ones while all kept fit in ``keep_bytes`` — and count them without a second
+    forward: ``n + (n - j)`` forwards for ``j`` kept batches instead of ``2n`` (``n`` when all fit).
+    Memory: at most ``max(keep_bytes, one batch)`` of layer inputs, whatever the number of batches."""
     if measure not in MEASURES:
         raise ConfigError(f"unknown measure {measure!r}; supported: {', '.join(MEASURES)}")
     if iter(batches) is batches:
@@ -172,7 +198,11 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
     device = param.device if param is not None else None
     flags = {m: m.training for m in model.modules()}
     phase = {"now": "ranges"}
-    kept: dict[str, list[Tensor]] = {}
+    kept: list[dict[str, list[Tensor]]] = []  # per kept batch (a suffix of the batches): layer inputs
+
+    def start_batch() -> None:
+        _trim(kept, keep_bytes, reserve=True)
+        kept.append({})
 
     def hook_for(name: str, statistic: Statistic):
         def hook(module: nn.Conv2d, args: tuple) -> None:
@@ -180,7 +210,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
             if phase["now"] == "ranges":
                 statistic.observe_ranges(x)
                 if keep_last_batch:
-                    kept.setdefault(name, []).append(x)
+                    kept[-1].setdefault(name, []).append(x)
             else:
                 statistic.observe(x)
         return hook
@@ -189,17 +219,21 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
     try:
         model.eval()
         with torch.no_grad():
-            prints = _run(model, batches, device, "MI statistics: ranges", progress, None, before=kept.clear)
+            prints = _run(model, batches, device, "MI statistics: ranges", progress, None, before=start_batch)
+            _trim(kept, keep_bytes)
             if distributed:
                 _sync(stats, group, device, "ranges")
+                _agree(kept, group)
             for s in stats.values():
                 if s.ranges.lo is not None:
                     s.freeze(s.ranges.lo.device)
             phase["now"] = "counts"
-            for name in list(kept):
-                for x in kept.pop(name):
-                    stats[name].observe(x)
-            _run(model, batches, device, "MI statistics: counts", progress, prints, skip_last=keep_last_batch)
+            skip = len(kept) if keep_last_batch else 0
+            while kept:
+                for name, maps in kept.pop(0).items():
+                    for x in maps:
+                        stats[name].observe(x)
+            _run(model, batches, device, "MI statistics: counts", progress, prints, skip_last=skip)
             if distributed:
                 _sync(stats, group, device, "counts")
     finally:
@@ -230,7 +264,8 @@ def _reshard(model: nn.Module) -> None:
 
 def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K, diagonal_removal: bool = False,
                     exclude_padding: bool = False, measure: str = "nmi", process_group: object | None = None,
-                    progress: bool = False, keep_last_batch: bool = True) -> dict[str, Tensor]:
+                    progress: bool = False, keep_last_batch: bool = True,
+                    keep_bytes: int = DEFAULT_KEEP_BYTES) -> dict[str, Tensor]:
     """``G = S / mean(S)`` (kh, kw) for every qualifying conv (:func:`qualifying_convs`), keyed by
     weight parameter name, in the weight's dtype and device.
 
@@ -239,11 +274,11 @@ def masks_from_data(model: nn.Module, batches: Iterable, *, k: float = DEFAULT_K
     ``torch.no_grad()``; every module's train/eval flag is restored. Convs that never ran are absent
     (with a :class:`DependenceWarning`); a layer whose map has NaN/inf or is dead gets all ones (with
     a warning). Under torch.distributed (or given ``process_group``) every rank must call this; all
-    get the same G, equal to one process on the union of their batches. ``keep_last_batch``: see
-    :func:`collect_statistics` (saves one forward; costs one batch of layer inputs)."""
+    get the same G, equal to one process on the union of their batches. ``keep_last_batch``,
+    ``keep_bytes``: see :func:`collect_statistics` (forwards saved against bounded memory)."""
     stats = collect_statistics(model, batches, diagonal_removal=diagonal_removal, exclude_padding=exclude_padding,
                                measure=measure, process_group=process_group, progress=progress,
-                               keep_last_batch=keep_last_batch)
+                               keep_last_batch=keep_last_batch, keep_bytes=keep_bytes)
     return _results(stats, qualifying_convs(model), k)
 
 
