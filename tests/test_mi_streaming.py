@@ -166,9 +166,9 @@ def test_autocorrelation_measure_runs():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_kept_batches_save_forwards_and_change_nothing(n):
-    """Pass 2 skips the forwards of the batches whose layer inputs pass 1 kept: all of them when
-    they fit in ``keep_bytes`` (n forwards), only the last one with no budget (2n - 1), none with
-    ``keep_last_batch=False`` (2n); the counts are the same every way."""
+    """Pass 2 skips the forwards of the batches whose layer inputs pass 1 kept: the last two when
+    they fit in ``keep_bytes`` (2n - 2 forwards, n for n <= 2), only the last one with no budget
+    (2n - 1), none with ``keep_last_batch=False`` (2n); the counts are the same every way."""
     from reparam.sgs.streaming import collect_statistics
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
@@ -176,7 +176,7 @@ def test_kept_batches_save_forwards_and_change_nothing(n):
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     data = batches(n=n)
     runs = {}
-    for label, options, forwards in [("all", {}, n), ("last", {"keep_bytes": 0}, 2 * n - 1),
+    for label, options, forwards in [("all", {}, n + max(n - 2, 0)), ("last", {"keep_bytes": 0}, 2 * n - 1),
                                      ("none", {"keep_last_batch": False}, 2 * n)]:
         calls.clear()
         runs[label] = collect_statistics(model, data, **options)
@@ -187,8 +187,8 @@ def test_kept_batches_save_forwards_and_change_nothing(n):
 
 
 def test_kept_batches_stay_within_the_budget():
-    """With room for two batches of layer inputs, the last two are kept (whatever n): memory stays
-    bounded by the budget, and pass 2 runs n - 2 forwards."""
+    """With room for one and a half batches of layer inputs only the last batch is kept; with room
+    for ten, still only the last two (memory constant in n): pass 2 runs n - 1, then n - 2 forwards."""
     from reparam.sgs.streaming import collect_statistics
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
@@ -197,7 +197,10 @@ def test_kept_batches_stay_within_the_budget():
     one_batch = 4 * x.shape[0] * (3 + 4) * (x.shape[-2] + 2) * (x.shape[-1] + 2)  # both padded inputs, float32
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
-    collect_statistics(model, data, keep_bytes=2 * one_batch)
+    collect_statistics(model, data, keep_bytes=3 * one_batch // 2)
+    assert len(calls) == 5 + 4
+    calls.clear()
+    collect_statistics(model, data, keep_bytes=10 * one_batch)
     assert len(calls) == 5 + 3
 
 

@@ -26,7 +26,9 @@ from reparam.sgs.dependence import (
 
 __all__ = ["collect_statistics", "masks_from_data", "padded_input", "qualifying_convs"]
 
-#: layer inputs of the range pass kept for the count pass (saving their forwards), at most this many bytes
+#: the range pass keeps the layer inputs of at most this many of the last batches (memory constant
+#: in the number of batches), and of the earlier of them only while all kept fit in ``keep_bytes``
+MAX_KEPT_BATCHES = 2
 DEFAULT_KEEP_BYTES = 1 << 30
 
 Statistic = HistogramStatistic | CorrelationStatistic
@@ -101,12 +103,14 @@ def _run(model: nn.Module, batches: Iterable, device: torch.device | None, desc:
 
 
 def _trim(kept: list[dict[str, list[Tensor]]], keep_bytes: int, reserve: bool = False) -> None:
-    """Drop the oldest kept batches until the rest fit in ``keep_bytes``: what stays is the last
-    batches, whose forwards pass 2 then skips. Before a new batch (``reserve``) room is made for one
-    more of the newest one's size (all may go); after the last, the newest always stays."""
+    """Drop the oldest kept batches until at most :data:`MAX_KEPT_BATCHES` remain and they fit in
+    ``keep_bytes``: what stays is the last batches, whose forwards pass 2 then skips. Before a new
+    batch (``reserve``) room is made for one more of the newest one's size (all may go); after the
+    last, the newest always stays."""
     sizes = [sum(x.numel() * x.element_size() for maps in batch.values() for x in maps) for batch in kept]
     room = keep_bytes - (sizes[-1] if reserve and sizes else 0)
-    while len(kept) > (0 if reserve else 1) and sum(sizes) > room:
+    most = MAX_KEPT_BATCHES - (1 if reserve else 0)
+    while len(kept) > (0 if reserve else 1) and (sum(sizes) > room or len(kept) > most):
         kept.pop(0)
         sizes.pop(0)
 
@@ -181,9 +185,9 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
     weight parameter name: counts (``.counts``) and ``.dependence(k)`` for inspection and plots.
 
     ``keep_last_batch``: keep the layer inputs of the last batches of the range pass — the last one
-    always, earlier ones while all kept fit in ``keep_bytes`` — and count them without a second
-    forward: ``n + (n - j)`` forwards for ``j`` kept batches instead of ``2n`` (``n`` when all fit).
-    Memory: at most ``max(keep_bytes, one batch)`` of layer inputs, whatever the number of batches."""
+    always, the one before it (:data:`MAX_KEPT_BATCHES`) while both fit in ``keep_bytes`` — and count
+    them without a second forward: ``2n - j`` forwards for ``j`` kept batches instead of ``2n`` (``n``
+    for the common 2 batches). Memory: at most two batches of layer inputs, whatever the number of batches."""
     if measure not in MEASURES:
         raise ConfigError(f"unknown measure {measure!r}; supported: {', '.join(MEASURES)}")
     if iter(batches) is batches:
