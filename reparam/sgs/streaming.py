@@ -115,12 +115,13 @@ def _trim(kept: list[dict[str, list[Tensor]]], keep_bytes: int, reserve: bool = 
         sizes.pop(0)
 
 
-def _agree(kept: list, group: object | None) -> None:
+def _agree(kept: list, group: object | None, device: torch.device | None) -> None:
     """Under torch.distributed every rank keeps as many batches as the rank that kept fewest, so that
-    all run the same number of forwards in pass 2 (FSDP's forwards are collectives)."""
+    all run the same number of forwards in pass 2 (FSDP's forwards are collectives). The count lives
+    on the model's device, as NCCL reduces only CUDA tensors."""
     import torch.distributed as dist
 
-    count = torch.tensor([len(kept)], dtype=torch.int64)
+    count = torch.tensor([len(kept)], dtype=torch.int64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MIN, group=group)
     del kept[: len(kept) - int(count)]
 
@@ -227,7 +228,7 @@ def collect_statistics(model: nn.Module, batches: Iterable, *, diagonal_removal:
             _trim(kept, keep_bytes)
             if distributed:
                 _sync(stats, group, device, "ranges")
-                _agree(kept, group)
+                _agree(kept, group, device)
             for s in stats.values():
                 if s.ranges.lo is not None:
                     s.freeze(s.ranges.lo.device)
